@@ -123,14 +123,14 @@ def runs_table(runs: list[RunSummary]) -> pd.DataFrame:
             "name": r.name,
             "stage": r.stage,
             "status": r.status,
-            "started": r.start_time,
+            "started_utc": r.start_time.replace(tzinfo=None) if r.start_time else None,
             "duration_s": (r.end_time - r.start_time).total_seconds() if r.start_time and r.end_time else None,
             "pipeline": r.pipeline,
             "run_id": r.run_id,
         }
         for r in runs
     ]
-    return pd.DataFrame(rows, columns=["name", "stage", "status", "started", "duration_s", "pipeline", "run_id"])
+    return pd.DataFrame(rows, columns=["name", "stage", "status", "started_utc", "duration_s", "pipeline", "run_id"])
 
 
 def loss_history(tracking_uri: str, run_id: str, metric: str = LOSS_METRIC) -> pd.DataFrame:

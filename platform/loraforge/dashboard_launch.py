@@ -46,6 +46,7 @@ def streamlit_command(port: int, host: str = "127.0.0.1", app: Path = APP_PATH) 
         "--server.headless", "true",
         "--browser.gatherUsageStats", "false",  # no phoning home from clusters without internet
         "--server.fileWatcherType", "none",
+        "--client.toolbarMode", "viewer",  # no "Deploy" button: this app reads one team's MLflow
     ]
 
 
