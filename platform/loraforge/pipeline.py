@@ -108,7 +108,7 @@ def _run_stage(spec: PipelineSpec, stage: Any, ctx: StageContext, state: dict[st
         from loraforge.data.pipeline import run_curate
 
         cur = run_curate(stage, ctx)
-        state["data"] = str(cur.output_dir)
+        state["data"] = str(cur.data_dir)
         result.outputs["curated_data"] = str(cur.output_dir)
         result.outputs["curate_counts"] = {k: cur.manifest.get(k) for k in ("in", "kept", "dropped", "merged")}
     elif isinstance(stage, TuneSpec):

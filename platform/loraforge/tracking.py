@@ -10,7 +10,7 @@ Metric names the dashboard relies on:
   train/trial:  loss (per step), learning_rate
   evaluate:     before.accuracy.<task>, after.accuracy.<task>, before.perplexity, after.perplexity,
                 forgetting.perplexity_delta
-  curate:       rows.in, rows.kept, rows.dropped
+  curate:       rows.in, rows.kept, rows.dropped, rows.merged
 """
 
 from __future__ import annotations
