@@ -90,10 +90,11 @@ def run(
     for key in ("mlflow_run_url", "mlflow_run_id", "run_dir", "adapter", "serve_url", "eval", "tune_best"):
         if key in summary:
             value = summary[key]
-            out.print(f"{key:>16}: {json.dumps(value) if isinstance(value, dict) else value}")
+            shown = json.dumps(value) if isinstance(value, dict) else value
+            out.print(f"{key:>16}: {shown}", soft_wrap=True, highlight=False)
     if services.owns_mlflow:
-        out.print(f"{'':>16}  (the local MLflow server has stopped; `loraforge dashboard` or "
-                  "`loraforge mlflow` reopens these results)")
+        out.print("(the local MLflow server has stopped; `loraforge dashboard` or `loraforge mlflow` "
+                  "reopens these results)", soft_wrap=True)
     (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 

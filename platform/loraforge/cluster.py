@@ -133,7 +133,8 @@ class Services:
             else:
                 ray.init(
                     num_cpus=LOCAL_RAY_CPUS,
-                    include_dashboard=False,
+                    # The dashboard serves the State API that Ray Train's clean-up of aborted runs needs.
+                    include_dashboard=True,
                     runtime_env={"env_vars": env_vars},
                     configure_logging=True,
                     logging_level="WARNING",

@@ -125,8 +125,6 @@ def _run_stage(spec: PipelineSpec, stage: Any, ctx: StageContext, state: dict[st
         state["adapter"] = trained.adapter_dir
         result.outputs["adapter"] = str(trained.adapter_dir)
         result.outputs["train_final_loss"] = trained.final_loss
-        if ctx.run:
-            ctx.run.log_artifact(trained.adapter_dir, "adapter")
     elif isinstance(stage, EvaluateSpec):
         from loraforge.evaluate.runner import run_evaluate
 

@@ -26,7 +26,7 @@ def ray_cluster(lab, mlflow_server):
 
     env = {k: os.environ[k] for k in ("LORAFORGE_HOME", "MLFLOW_TRACKING_URI", "TOKENIZERS_PARALLELISM",
                                        "HF_HUB_OFFLINE", "LORAFORGE_SHARED_DATA") if k in os.environ}
-    ray.init(num_cpus=LOCAL_RAY_CPUS, include_dashboard=False, runtime_env={"env_vars": env},
+    ray.init(num_cpus=LOCAL_RAY_CPUS, include_dashboard=True, runtime_env={"env_vars": env},
              logging_level="WARNING")
     yield ray
     ray.shutdown()
