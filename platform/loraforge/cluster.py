@@ -129,7 +129,9 @@ class Services:
             env_vars["LORAFORGE_SHARED_DATA"] = os.environ["LORAFORGE_SHARED_DATA"]
         try:
             if address:
-                ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+                # An existing cluster (or a submitted job, whose runtime env Ray merges) keeps its own
+                # environment; stages pass MLflow run handles and resolved paths explicitly.
+                ray.init(address=address, log_to_driver=True)
             else:
                 ray.init(
                     num_cpus=LOCAL_RAY_CPUS,

@@ -29,6 +29,8 @@ def head_node(tmp_path_factory, mlflow_server, lab):
     tmp = tmp_path_factory.mktemp("rayhead")
     port, dash = free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    # Token auth, as Ray 2.60 clusters default to: the CLI must find and send the token.
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     # --block keeps the head in our process group, so teardown stops this cluster and no other
     # (`ray stop` would also stop the session's shared cluster).
     proc = subprocess.Popen(
@@ -53,8 +55,9 @@ def head_node(tmp_path_factory, mlflow_server, lab):
 
 
 def _answers(url: str) -> bool:
+    """Up once it answers at all: without the token it says 401, which still means it is serving."""
     try:
-        return httpx.get(url, timeout=2).status_code == 200
+        return httpx.get(url, timeout=2).status_code < 500
     except httpx.HTTPError:
         return False
 

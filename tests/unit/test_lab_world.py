@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def test_same_seed_same_files_different_seed_different(tmp_path, world0):
     assert a == b
     assert set(a) == set(c)
     assert a["general_train.txt"] != c["general_train.txt"]
-    assert a["tasks/capital_train.jsonl"] != c["tasks/capital_train.jsonl"]
+    assert a["tasks/sort3_train.jsonl"] != c["tasks/sort3_train.jsonl"]
     for task in TASKS:
         assert f"tasks/{task}_train.jsonl" in a and f"tasks/{task}_eval.jsonl" in a
 
@@ -53,12 +54,17 @@ def test_rows_valid_and_splits_disjoint(tmp_path, world0):
                 assert len(row["output"].split()) <= 5  # exact-match answers are short
             splits[split] = {(r["instruction"], r["input"]) for r in rows}
         assert not splits["train"] & splits["eval"], task
-    # capital eval countries never appear in capital train questions: the answer must come from pretraining
-    train_q = " ".join(r["instruction"] for r in world0.tasks["capital"]["train"])
-    for row in world0.tasks["capital"]["eval"]:
-        country = row["instruction"].rstrip("?.").split()[-1]
-        assert country not in train_q
-        assert f"The capital of {country} is {row['output']}." in world0.general_train + world0.general_heldout
+    # add: held-out pairs are never asked in training, but the corpus states them (knowledge to draw on)
+    train_q = {r["instruction"] for r in world0.tasks["add"]["train"]}
+    for row in world0.tasks["add"]["eval"]:
+        a, b = (int(t) for t in re.findall(r"\d+", row["instruction"]))
+        assert f"What is {a} + {b}?" not in train_q
+        assert str(a + b) == row["output"]
+        assert any(
+            s in world0.general_train
+            for s in (f"{a} plus {b} equals {a + b}.", f"The sum of {a} and {b} is {a + b}.",
+                      f"Adding {a} and {b} gives {a + b}.")
+        )
 
 
 def test_general_heldout_not_in_train(world0):
@@ -68,9 +74,19 @@ def test_general_heldout_not_in_train(world0):
     assert not train_paras & set(held)
 
 
-def test_pretraining_chat_rows_do_not_contain_task_answers(world0):
+def test_pretraining_chat_rows_are_not_the_tasks(world0):
     task_prompts = {r["instruction"] for sp in world0.tasks.values() for rows in sp.values() for r in rows}
-    assert not task_prompts & {r["instruction"] for r in world0.format_rows}
+    chat_prompts = {r["instruction"] for r in world0.format_rows}
+    assert len(chat_prompts) > 20
+    assert not task_prompts & chat_prompts
+
+
+def test_knowledge_probe_is_stated_in_the_corpus(tmp_path, world0):
+    write_lab_data(tmp_path, world0)
+    probes = [json.loads(line) for line in (tmp_path / "knowledge_probe.jsonl").read_text().splitlines()]
+    assert len(probes) == len(world0.countries)
+    for p in probes:
+        assert f"{p['prompt']} {p['answer']}." in world0.general_train
 
 
 def test_missing_shared_data_falls_back_to_synthetic(monkeypatch, tmp_path):
