@@ -9,6 +9,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from lab_adapters import make_random_adapter
 from openai import OpenAI
 
 from loraforge.cluster import free_port, port_in_use
@@ -23,17 +24,6 @@ pytestmark = pytest.mark.integration
 ADAPTERS = ("alpha", "beta")
 SMOKE = "What is the capital of Bimgoul?"
 RAW = "The"  # plain text: the lab model continues it for many tokens, so answers are long enough to differ
-
-
-def make_random_adapter(model_dir: Path, out: Path, seed: int) -> Path:
-    """A LoRA adapter with random (non-zero) B, saved as safetensors."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
-    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lab_adapters import make_random_adapter
 from safetensors.torch import load_file
 
 from loraforge.errors import ModelError
@@ -20,18 +21,6 @@ from loraforge.serve.engine import (
 )
 
 MAX_NEW = 24
-
-
-def make_random_adapter(model_dir: Path, out: Path, seed: int) -> Path:
-    """A LoRA adapter with random (non-zero) B, so it really changes the model's output."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
-    get_peft_model(base, cfg).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
