@@ -36,6 +36,10 @@ def head_node(tmp_path_factory, mlflow_server, lab):
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
+         # The session's shared cluster already holds Ray's default agent ports on this machine.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+         f"--ray-client-server-port={free_port()}",
          f"--temp-dir={tmp}", "--disable-usage-stats"],
         stdout=(tmp / "head.log").open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
