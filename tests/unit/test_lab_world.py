@@ -81,14 +81,6 @@ def test_pretraining_chat_rows_are_not_the_tasks(world0):
     assert not task_prompts & chat_prompts
 
 
-def test_knowledge_probe_is_stated_in_the_corpus(tmp_path, world0):
-    write_lab_data(tmp_path, world0)
-    probes = [json.loads(line) for line in (tmp_path / "knowledge_probe.jsonl").read_text().splitlines()]
-    assert len(probes) == len(world0.countries)
-    for p in probes:
-        assert f"{p['prompt']} {p['answer']}." in world0.general_train
-
-
 def test_missing_shared_data_falls_back_to_synthetic(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAFORGE_SHARED_DATA", str(tmp_path / "nowhere"))
     with pytest.warns(UserWarning, match="synthetic only"):
