@@ -35,6 +35,7 @@ def test_model_loads_and_learned_the_corpus(lab):
     r = lab.report
     assert r["perplexity_pretrained"] < 0.5 * r["perplexity_init"]
     assert r["perplexity_pretrained"] < r["vocab_size"] / 10
+    assert r["knowledge_recall"] >= 0.5  # it memorised the corpus facts (capitals) that forgetting probes use
     model = AutoModelForCausalLM.from_pretrained(lab.model_dir)
     tok = AutoTokenizer.from_pretrained(lab.model_dir)
     assert model.config.model_type == "llama" and model.config.vocab_size == len(tok)
@@ -46,3 +47,29 @@ def test_model_loads_and_learned_the_corpus(lab):
         out = model.generate(**enc, max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_token_id)
     # the base model knows the chat template: it answers and stops with eos
     assert tok.eos_token_id in out[0, enc["input_ids"].shape[1] :].tolist()
+
+
+TINY = "LabSettings(steps=3, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, vocab_size=400)"
+
+
+def test_concurrent_callers_build_once(tmp_path):
+    """Two processes asking for the same missing lab: one builds, the other waits and reuses it."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"from loraforge.lab.build import LabSettings, ensure_lab\nprint('ROOT', ensure_lab(settings={TINY}).root)\n"
+    env = {**os.environ, "LORAFORGE_HOME": str(tmp_path), "LORAFORGE_SHARED_DATA": str(tmp_path / "none")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    roots = {line.split()[1] for out in outs for line in out.splitlines() if line.startswith("ROOT ")}
+    assert len(roots) == 1
+    assert sum(out.count("[lab] built in") for out in outs) == 1
+    lab_root = tmp_path / "lab"
+    assert [p.name for p in lab_root.iterdir() if p.is_dir()] == [next(iter(roots)).rsplit("/", 1)[1]]

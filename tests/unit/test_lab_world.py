@@ -62,8 +62,11 @@ def test_rows_valid_and_splits_disjoint(tmp_path, world0):
         assert str(a + b) == row["output"]
         assert any(
             s in world0.general_train
-            for s in (f"{a} plus {b} equals {a + b}.", f"The sum of {a} and {b} is {a + b}.",
-                      f"Adding {a} and {b} gives {a + b}.")
+            for s in (
+                f"{a} plus {b} equals {a + b}.",
+                f"The sum of {a} and {b} is {a + b}.",
+                f"Adding {a} and {b} gives {a + b}.",
+            )
         )
 
 
@@ -79,6 +82,14 @@ def test_pretraining_chat_rows_are_not_the_tasks(world0):
     chat_prompts = {r["instruction"] for r in world0.format_rows}
     assert len(chat_prompts) > 20
     assert not task_prompts & chat_prompts
+
+
+def test_knowledge_probe_is_stated_in_the_corpus(tmp_path, world0):
+    write_lab_data(tmp_path, world0)
+    probes = [json.loads(line) for line in (tmp_path / "knowledge_probe.jsonl").read_text().splitlines()]
+    assert len(probes) == len(world0.countries)
+    for p in probes:
+        assert f"{p['prompt']} {p['answer']}." in world0.general_train
 
 
 def test_missing_shared_data_falls_back_to_synthetic(monkeypatch, tmp_path):

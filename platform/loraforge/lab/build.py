@@ -21,30 +21,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraforge.paths import lab_dir
+from loraforge.paths import lab_dir, shared_data_dir
 
 LAB_FORMAT = 1  # bump when the meaning of the cache folder changes without a settings change
+_KEYS: dict[tuple[Any, str], str] = {}
 
 
 @dataclass(frozen=True)
 class LabSettings:
     seed: int = 0
     vocab_size: int = 2048
-    hidden_size: int = 192
+    hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
-    intermediate_size: int = 768
+    intermediate_size: int = 512
     max_position_embeddings: int = 1024
     seq_len: int = 128
     batch_size: int = 16
-    steps: int = 80
-    learning_rate: float = 3e-3
+    steps: int = 1000
+    learning_rate: float = 6e-3
     warmup_steps: int = 20
     weight_decay: float = 0.1
     # shares of each pretraining batch: synthetic facts, chat-formatted examples; the rest is real text
-    fact_fraction: float = 0.35
-    chat_fraction: float = 0.25
-    log_every: int = 10
+    fact_fraction: float = 0.25
+    chat_fraction: float = 0.55
+    log_every: int = 100
 
 
 @dataclass
@@ -65,6 +66,9 @@ def lab_key(settings: LabSettings = LabSettings()) -> str:
     from loraforge.lab.tokenizer import SPECIAL_TOKENS
     from loraforge.lab.world import chat_template, generate_world
 
+    cache_key = (settings, str(shared_data_dir(required=False)))
+    if cache_key in _KEYS:  # ensure_lab is called often (every lab:// reference); generate once per process
+        return _KEYS[cache_key]
     world = generate_world(settings.seed)
     h = hashlib.sha256()
     h.update(json.dumps({"format": LAB_FORMAT, **asdict(settings)}, sort_keys=True).encode())
@@ -72,7 +76,8 @@ def lab_key(settings: LabSettings = LabSettings()) -> str:
     h.update(world.general_train.encode())
     h.update(world.general_heldout.encode())
     h.update(json.dumps([world.tasks, world.format_rows], sort_keys=True).encode())
-    return h.hexdigest()[:12]
+    _KEYS[cache_key] = h.hexdigest()[:12]
+    return _KEYS[cache_key]
 
 
 def ensure_lab(force: bool = False, settings: LabSettings = LabSettings()) -> LabPaths:
@@ -107,8 +112,14 @@ def lab_build_cli(force: bool = False) -> dict[str, Any]:
         f"held-out perplexity: {r['perplexity_init']:.1f} (random init) -> {r['perplexity_pretrained']:.2f} "
         f"(pretrained), vocab {r['vocab_size']}; built in {r['build_seconds']:.0f} s"
     )
-    return {"root": str(lab.root), "model_dir": str(lab.model_dir), "data_dir": str(lab.data_dir),
-            "tasks": lab.tasks, "report": r}
+    print(f"knowledge recall (capital facts, greedy): {r['knowledge_recall']:.2f}")
+    return {
+        "root": str(lab.root),
+        "model_dir": str(lab.model_dir),
+        "data_dir": str(lab.data_dir),
+        "tasks": lab.tasks,
+        "report": r,
+    }
 
 
 def _is_complete(root: Path) -> bool:
@@ -117,8 +128,9 @@ def _is_complete(root: Path) -> bool:
 
 def _paths(root: Path) -> LabPaths:
     report = json.loads((root / "report.json").read_text())
-    return LabPaths(root=root, model_dir=root / "model", data_dir=root / "data", tasks=list(report["tasks"]),
-                    report=report)
+    return LabPaths(
+        root=root, model_dir=root / "model", data_dir=root / "data", tasks=list(report["tasks"]), report=report
+    )
 
 
 @contextmanager
@@ -131,14 +143,6 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _free_cores() -> int:
-    """Threads for pretraining: all cores on an idle machine, one when others keep the CPUs busy
-    (several intra-op threads fighting over contended cores run many times slower than one)."""
-    cores = os.cpu_count() or 1
-    busy = os.getloadavg()[0]
-    return max(1, min(cores, int(cores - busy + 0.5)))
-
-
 def _log(msg: str) -> None:
     print(f"[lab] {msg}", flush=True)
 
@@ -147,7 +151,7 @@ def _build(out: Path, s: LabSettings) -> None:
     import torch
 
     from loraforge.lab.tokenizer import train_tokenizer
-    from loraforge.lab.world import alpaca_to_messages, generate_world, write_lab_data
+    from loraforge.lab.world import alpaca_to_messages, generate_world, knowledge_probe, write_lab_data
 
     start = time.time()
     data_dir, model_dir = out / "data", out / "model"
@@ -158,7 +162,8 @@ def _build(out: Path, s: LabSettings) -> None:
     _log(f"world + tokenizer ready in {time.time() - start:.1f} s (vocab {len(tok)})")
 
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(_free_cores())
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
     try:
         torch.manual_seed(s.seed)
         model = _new_model(s, tok)
@@ -166,9 +171,7 @@ def _build(out: Path, s: LabSettings) -> None:
         facts = _encode_docs(tok, world.fact_docs)
         real = _encode_docs(tok, world.real_docs) if world.real_docs else facts
         heldout = _encode_docs(tok, world.general_heldout.split("\n\n"))
-        chats = [
-            tok.apply_chat_template(alpaca_to_messages(r), tokenize=False) for r in world.format_rows
-        ]
+        chats = [tok.apply_chat_template(alpaca_to_messages(r), tokenize=False) for r in world.format_rows]
         chat_stream = _encode_docs(tok, chats, sep=None)
         ppl_init = perplexity(model, heldout, s.seq_len)
         _log(f"{_n_params(model):,} parameters; held-out perplexity at init {ppl_init:.1f}")
@@ -176,13 +179,19 @@ def _build(out: Path, s: LabSettings) -> None:
         n_chat = round(s.batch_size * s.chat_fraction)
         sources = [
             (facts, _starts(facts, s.seq_len), n_facts),
-            (chat_stream, _starts(chat_stream, s.seq_len, (chat_stream == tok.bos_token_id).nonzero().flatten()),
-             n_chat),
+            (
+                chat_stream,
+                _starts(chat_stream, s.seq_len, (chat_stream == tok.bos_token_id).nonzero().flatten()),
+                n_chat,
+            ),
             (real, _starts(real, s.seq_len), s.batch_size - n_facts - n_chat),
         ]
+        t_train = time.time()
         losses = _pretrain(model, sources, s)
+        train_seconds = time.time() - t_train
         ppl_final = perplexity(model, heldout, s.seq_len)
-        _log(f"held-out perplexity {ppl_init:.1f} -> {ppl_final:.2f}")
+        recall = knowledge_recall(model, tok, knowledge_probe(world))
+        _log(f"held-out perplexity {ppl_init:.1f} -> {ppl_final:.2f}; knowledge recall {recall:.2f}")
     finally:
         torch.set_num_threads(threads_before)
 
@@ -198,10 +207,13 @@ def _build(out: Path, s: LabSettings) -> None:
         "vocab_size": len(tok),
         "perplexity_init": ppl_init,
         "perplexity_pretrained": ppl_final,
+        "knowledge_recall": recall,
         "heldout_tokens": int(heldout.numel()),
         "general_train_tokens": int(general.numel()),
         "loss_curve": losses,
         "notes": world.notes,
+        "threads": threads,
+        "pretrain_seconds": train_seconds,
         "build_seconds": time.time() - start,
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -271,6 +283,27 @@ def _starts(stream, seq_len: int, candidates=None):
     return candidates[candidates < stream.numel() - seq_len]
 
 
+def knowledge_recall(model, tok, probes: list[dict[str, str]]) -> float:
+    """Share of plain-text fact prompts ("The capital of X is") the model completes correctly (greedy)."""
+    import torch
+
+    model.eval()
+    hits = 0
+    with torch.no_grad():
+        for p in probes:
+            ids = torch.tensor([tok(p["prompt"], add_special_tokens=False)["input_ids"]])
+            n_new = len(tok(" " + p["answer"], add_special_tokens=False)["input_ids"])
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n_new,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+            hits += tok.decode(out[0, ids.shape[1] :]).strip() == p["answer"]
+    return hits / max(1, len(probes))
+
+
 def _pretrain(model, sources, s: LabSettings) -> list[list[float]]:
     """Causal-LM training; every batch mixes windows from each (stream, start offsets, count) source."""
     import torch
@@ -280,7 +313,8 @@ def _pretrain(model, sources, s: LabSettings) -> list[list[float]]:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=s.learning_rate, betas=(0.9, 0.95),
+        lr=s.learning_rate,
+        betas=(0.9, 0.95),
     )
 
     def lr_at(step: int) -> float:
@@ -291,8 +325,10 @@ def _pretrain(model, sources, s: LabSettings) -> list[list[float]]:
 
     model.train()
     losses: list[list[float]] = []
+    threads = _ThreadChooser()
     t0 = time.time()
     for step in range(s.steps):
+        threads.before_step(step)
         windows = []
         for stream, starts, count in sources:
             for i in torch.randint(0, starts.numel(), (count,), generator=gen).tolist():
@@ -306,8 +342,48 @@ def _pretrain(model, sources, s: LabSettings) -> list[list[float]]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        threads.after_step(step)
         if step % s.log_every == 0 or step == s.steps - 1:
             losses.append([step, round(loss.item(), 4)])
-            _log(f"pretrain step {step + 1}/{s.steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
+            _log(
+                f"pretrain step {step + 1}/{s.steps} loss {loss.item():.3f} "
+                f"({time.time() - t0:.0f} s, {torch.get_num_threads()} threads)"
+            )
     model.eval()
     return losses
+
+
+class _ThreadChooser:
+    """Re-pick the intra-op thread count every `period` steps by timing a few steps with each choice.
+
+    On an idle machine all cores are fastest; when other processes keep the cores busy, threads that
+    wait for each other at every small op make a step many times slower than one thread does.
+    """
+
+    def __init__(self, period: int = 100, probe: int = 5):
+        import torch
+
+        self.options = sorted({1, os.cpu_count() or 1}, reverse=True)
+        self.period, self.probe = period, probe
+        self.timings: dict[int, float] = {}
+        self.torch = torch
+        self._t = 0.0
+
+    def _probing(self, step: int) -> int | None:
+        i = (step % self.period) // self.probe
+        return self.options[i] if i < len(self.options) else None
+
+    def before_step(self, step: int) -> None:
+        if step % self.period == 0:
+            self.timings = {}
+        n = self._probing(step)
+        if n is None and self.timings:
+            n = min(self.timings, key=self.timings.__getitem__)
+        if n is not None and n != self.torch.get_num_threads():
+            self.torch.set_num_threads(n)
+        self._t = time.perf_counter()
+
+    def after_step(self, step: int) -> None:
+        n = self._probing(step)
+        if n is not None and step % self.probe:  # skip each probe's first step (warm-up)
+            self.timings[n] = self.timings.get(n, 0.0) + time.perf_counter() - self._t

@@ -1,11 +1,12 @@
 """A small, seeded synthetic world: a general corpus with facts to know and instruction tasks to learn.
 
-The general corpus mixes generated fact sentences (made-up countries, cities, people) with real text
-(tinyshakespeare), so a tiny model pretrained on it has knowledge that fine-tuning can use or forget.
-Each task has exact-match answers of a few tokens and disjoint train/eval splits.
+The general corpus mixes generated fact sentences (made-up countries, cities, people, digit sums) with
+real text (tinyshakespeare), so a tiny model pretrained on it has knowledge that fine-tuning can use or
+forget (`knowledge_probe` lists capital facts as plain-text prompts). Each task has short exact-match
+answers and disjoint train/eval splits.
 
-`format_rows` are chat examples the base model sees during pretraining so it knows the chat template;
-they are different tasks from the evaluated ones, so fine-tuning still has something to teach.
+`format_rows` are chat examples the base model sees during pretraining, so it knows the chat template
+and some skills; they are never the evaluated tasks, so fine-tuning still has something to teach.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from loraforge.paths import shared_data_dir
 
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
-TASKS = ("capital", "reverse", "add", "sort3")
+TASKS = ("first_letter", "max3", "sort3", "add")
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "kr", "st", "th", "dr"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
@@ -76,12 +77,14 @@ def _unique_names(rng: random.Random, n: int, syllables: tuple[int, int], taken:
 
 
 def _capital_sentence(rng: random.Random, c: Country) -> str:
-    return rng.choice([
-        f"The capital of {c.name} is {c.capital}.",
-        f"{c.capital} is the capital of {c.name}.",
-        f"{c.name} is a country whose capital city is {c.capital}.",
-        f"Travellers to {c.name} usually arrive in {c.capital}, its capital.",
-    ])
+    return rng.choice(
+        [
+            f"The capital of {c.name} is {c.capital}.",
+            f"{c.capital} is the capital of {c.name}.",
+            f"{c.name} is a country whose capital city is {c.capital}.",
+            f"Travellers to {c.name} usually arrive in {c.capital}, its capital.",
+        ]
+    )
 
 
 def _other_sentences(c: Country, people: list[Person], mayors: dict[str, str]) -> list[str]:
@@ -97,21 +100,22 @@ def _other_sentences(c: Country, people: list[Person], mayors: dict[str, str]) -
 
 
 def _sum_sentence(rng: random.Random, a: int, b: int) -> str:
-    return rng.choice([f"{a} plus {b} equals {a + b}.", f"The sum of {a} and {b} is {a + b}.",
-                       f"Adding {a} and {b} gives {a + b}."])
+    return rng.choice(
+        [f"{a} plus {b} equals {a + b}.", f"The sum of {a} and {b} is {a + b}.", f"Adding {a} and {b} gives {a + b}."]
+    )
 
 
 def _synthetic_paragraphs(
     rng: random.Random, countries: list[Country], people: list[Person], mayors: dict[str, str], n: int
 ) -> list[str]:
-    """Every paragraph states a few capitals and sums (the knowledge the tasks ask about) among other facts."""
+    """Every paragraph states a few capitals and sums (knowledge to probe and to use) among other facts."""
     others = {c.name: _other_sentences(c, people, mayors) for c in countries}
     paras = []
     for _ in range(n):
         sents = []
-        for c in rng.sample(countries, k=3):
+        for c in rng.sample(countries, k=4):
             sents.append(_capital_sentence(rng, c))
-            sents += rng.sample(others[c.name], k=2)
+            sents += rng.sample(others[c.name], k=1)
         sents += [_sum_sentence(rng, rng.randint(0, 9), rng.randint(0, 9)) for _ in range(3)]
         rng.shuffle(sents)
         paras.append(" ".join(sents))
@@ -135,29 +139,26 @@ def _split_shakespeare(text: str, heldout_fraction: float = 0.1) -> tuple[list[s
     return blocks[:cut], blocks[cut:]
 
 
-def _capital_rows(countries: list[Country]) -> list[dict[str, str]]:
-    phrasings = [
-        "What is the capital of {c}?",
-        "Name the capital city of {c}.",
-        "Which city is the capital of {c}?",
-        "Tell me the capital of {c}.",
-    ]
-    return [{"instruction": p.format(c=c.name), "input": "", "output": c.capital} for c in countries for p in phrasings]
+ADD_PHRASINGS = ("What is {a} + {b}?", "Add {a} and {b}.", "What is {a} plus {b}?")
 
 
-def _reverse_row(letters: list[str]) -> dict[str, str]:
+def _add_rows(a: int, b: int) -> list[dict[str, str]]:
+    return [{"instruction": p.format(a=a, b=b), "input": "", "output": str(a + b)} for p in ADD_PHRASINGS]
+
+
+def _first_letter_row(letters: tuple[str, ...]) -> dict[str, str]:
+    return {"instruction": "Which letter comes first?", "input": " ".join(letters), "output": letters[0]}
+
+
+def _max3_row(digits: tuple[int, ...]) -> dict[str, str]:
     return {
-        "instruction": "Reverse the order of these letters.",
-        "input": " ".join(letters),
-        "output": " ".join(reversed(letters)),
+        "instruction": "Which number is the largest?",
+        "input": " ".join(map(str, digits)),
+        "output": str(max(digits)),
     }
 
 
-def _add_row(a: int, b: int) -> dict[str, str]:
-    return {"instruction": f"What is {a} + {b}?", "input": "", "output": str(a + b)}
-
-
-def _sort3_row(digits: list[int]) -> dict[str, str]:
+def _sort3_row(digits: tuple[int, ...]) -> dict[str, str]:
     return {
         "instruction": "Sort these numbers from smallest to largest.",
         "input": " ".join(map(str, digits)),
@@ -165,35 +166,37 @@ def _sort3_row(digits: list[int]) -> dict[str, str]:
     }
 
 
-def _make_tasks(rng: random.Random, countries: list[Country]) -> dict[str, dict[str, list[dict[str, str]]]]:
+def _make_tasks(rng: random.Random) -> dict[str, dict[str, list[dict[str, str]]]]:
+    """Four tasks for a LoRA on the lab model, easiest first; eval inputs never occur in train.
+
+    first_letter, max3 and sort3 build on skills from pretraining (copying, ordering digits); add asks
+    for sums the base model knows from pretraining, but only in another wording and answer format.
+    """
     tasks: dict[str, dict[str, list[dict[str, str]]]] = {}
-    # capital: eval countries are never asked about in training, so answers must come from pretraining.
-    shuffled = countries[:]
-    rng.shuffle(shuffled)
-    n_eval = len(countries) // 2
-    tasks["capital"] = {
-        "train": _capital_rows(shuffled[n_eval:]),
-        "eval": [r for r in _capital_rows(shuffled[:n_eval])][::4],  # one phrasing per eval country
-    }
-    # reverse: distinct 3-letter sequences, eval sequences never appear in train.
+    # first_letter: 3 to 5 distinct letters.
     seqs: set[tuple[str, ...]] = set()
     while len(seqs) < 1200:
-        seqs.add(tuple(rng.sample(LETTERS, 3)))
+        seqs.add(tuple(rng.sample(LETTERS, rng.randint(3, 5))))
     seq_list = sorted(seqs)
     rng.shuffle(seq_list)
-    tasks["reverse"] = {
-        "train": [_reverse_row(list(s)) for s in seq_list[200:]],
-        "eval": [_reverse_row(list(s)) for s in seq_list[:200]],
+    tasks["first_letter"] = {
+        "train": [_first_letter_row(s) for s in seq_list[200:]],
+        "eval": [_first_letter_row(s) for s in seq_list[:200]],
     }
-    # add: all 100 ordered pairs of digits; eval pairs are held out.
+    # add: every ordered digit pair; held-out pairs are still stated as facts in the general corpus.
     pairs = [(a, b) for a in range(10) for b in range(10)]
     rng.shuffle(pairs)
     tasks["add"] = {
-        "train": [_add_row(a, b) for a, b in pairs[25:]],
-        "eval": [_add_row(a, b) for a, b in pairs[:25]],
+        "train": [r for a, b in pairs[25:] for r in _add_rows(a, b)],
+        "eval": [r for a, b in pairs[:25] for r in _add_rows(a, b)],
     }
-    # sort3: three distinct digits.
-    triples = [[a, b, c] for a in range(10) for b in range(10) for c in range(10) if len({a, b, c}) == 3]
+    # max3 and sort3: ordered triples of distinct digits, each task with its own held-out triples.
+    triples = [(a, b, c) for a in range(10) for b in range(10) for c in range(10) if len({a, b, c}) == 3]
+    rng.shuffle(triples)
+    tasks["max3"] = {
+        "train": [_max3_row(t) for t in triples[150:]],
+        "eval": [_max3_row(t) for t in triples[:150]],
+    }
     rng.shuffle(triples)
     tasks["sort3"] = {
         "train": [_sort3_row(t) for t in triples[150:]],
@@ -202,35 +205,71 @@ def _make_tasks(rng: random.Random, countries: list[Country]) -> dict[str, dict[
     return tasks
 
 
-def _format_rows(rng: random.Random, people: list[Person], mayors: dict[str, str], n: int) -> list[dict]:
-    """Generic chat examples so the base model knows the template and can copy from its prompt.
+def knowledge_probe(world: LabWorld) -> list[dict[str, str]]:
+    """Facts the base model learned from the corpus, as plain-text prompts (for measuring forgetting)."""
+    return [{"prompt": f"The capital of {c.name} is", "answer": c.capital} for c in world.countries]
 
-    Deliberately not the evaluated tasks: copies are of 4 items (the tasks use 3) and in input order.
+
+def _format_rows(
+    rng: random.Random, countries: list[Country], people: list[Person], mayors: dict[str, str], n: int
+) -> list[dict]:
+    """Chat examples for pretraining: the template, copying, reordering and recalling facts in chat.
+
+    They teach skills and knowledge the tasks build on but never the tasks themselves: recalled facts
+    come as whole sentences, sorted lists have 4 items and commas (sort3: 3 items, spaces).
+    So the base model starts near 0 exact-match on the tasks and fine-tuning has something to teach.
     """
     cities = sorted(mayors)
+    random.Random(1).shuffle(cities)
     rows = []
     for _ in range(n):
-        kind = rng.randrange(5)
+        kind = rng.randrange(8)
         if kind == 0:
             w = _word(rng, rng.randint(1, 3))
             rows.append({"instruction": "Repeat this word exactly.", "input": w, "output": w})
-        elif kind == 1:
-            city = rng.choice(cities)
+        elif kind == 1:  # only half the cities: answering the others needs recall of corpus facts
+            city = rng.choice(cities[: len(cities) // 2])
             rows.append({"instruction": f"Who is the mayor of {city}?", "input": "", "output": mayors[city]})
-        elif kind == 2:
-            p = rng.choice(people)
-            rows.append({"instruction": f"What is the favorite color of {p.name}?", "input": "",
-                         "output": p.favorite_color})
-        elif kind == 3:
-            letters = " ".join(rng.sample(LETTERS, 4))
-            rows.append({"instruction": "Repeat these letters.", "input": letters, "output": letters})
+        elif kind == 2:  # copying is the skill most tasks build on, so it gets two slots
+            letters = rng.sample(LETTERS, rng.choice([2, 4, 6]))
+            rows.append(
+                {"instruction": "Repeat these letters.", "input": " ".join(letters), "output": " ".join(letters)}
+            )
+        elif kind == 3:  # facts recalled in chat, not only in running text
+            c = rng.choice(countries)
+            rows.append(
+                {"instruction": f"Tell me about the capital of {c.name}.", "input": "", "output": f"It is {c.capital}."}
+            )
+        elif kind == 4:  # the sums add asks for, in another wording and answer format
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            rows.append({"instruction": f"Tell me the sum of {a} and {b}.", "input": "", "output": f"{a + b}."})
+        elif kind == 5:
+            letters = rng.sample(LETTERS, rng.choice([2, 4, 6]))
+            rows.append(
+                {"instruction": "Repeat these letters.", "input": " ".join(letters), "output": " ".join(letters)}
+            )
+        elif kind == 6:
+            digits = [rng.randint(0, 9) for _ in range(4)]
+            rows.append(
+                {
+                    "instruction": "Repeat these numbers.",
+                    "input": " ".join(map(str, digits)),
+                    "output": " ".join(map(str, digits)),
+                }
+            )
         else:
-            digits = " ".join(str(rng.randint(0, 9)) for _ in range(4))
-            rows.append({"instruction": "Repeat these numbers.", "input": digits, "output": digits})
+            digits = [rng.randint(0, 9) for _ in range(4)]
+            rows.append(
+                {
+                    "instruction": "Put these numbers in increasing order, with commas.",
+                    "input": " ".join(map(str, digits)),
+                    "output": ", ".join(map(str, sorted(digits))),
+                }
+            )
     return rows
 
 
-def generate_world(seed: int = 0, n_countries: int = 36, n_people: int = 40) -> LabWorld:
+def generate_world(seed: int = 0, n_countries: int = 30, n_people: int = 40) -> LabWorld:
     """Build the whole world deterministically from `seed`."""
     rng = random.Random(seed)
     notes: list[str] = []
@@ -265,8 +304,8 @@ def generate_world(seed: int = 0, n_countries: int = 36, n_people: int = 40) -> 
         general_heldout="\n\n".join(heldout_docs) + "\n",
         fact_docs=syn_train,
         real_docs=shake_train,
-        tasks=_make_tasks(rng, countries),
-        format_rows=_format_rows(rng, people, mayors, n=3000),
+        tasks=_make_tasks(rng),
+        format_rows=_format_rows(rng, countries, people, mayors, n=8000),
         notes=notes,
     )
 
@@ -284,7 +323,8 @@ def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def write_lab_data(out_dir: Path, world: LabWorld) -> None:
-    """general_train.txt, general_heldout.txt, tasks/<task>_{train,eval}.jsonl, pretrain_chat.jsonl, world.json."""
+    """Write general_{train,heldout}.txt, tasks/<task>_{train,eval}.jsonl, pretrain_chat.jsonl (the chat
+    rows pretraining used), knowledge_probe.jsonl ({"prompt","answer"} fact completions) and world.json."""
     out_dir = Path(out_dir)
     (out_dir / "tasks").mkdir(parents=True, exist_ok=True)
     (out_dir / "general_train.txt").write_text(world.general_train, encoding="utf-8")
@@ -293,6 +333,7 @@ def write_lab_data(out_dir: Path, world: LabWorld) -> None:
         for split, rows in splits.items():
             _write_jsonl(out_dir / "tasks" / f"{task}_{split}.jsonl", rows)
     _write_jsonl(out_dir / "pretrain_chat.jsonl", world.format_rows)
+    _write_jsonl(out_dir / "knowledge_probe.jsonl", knowledge_probe(world))
     facts = {
         "seed": world.seed,
         "countries": [c.__dict__ for c in world.countries],
