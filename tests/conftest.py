@@ -20,3 +20,14 @@ def lab():
     from loraforge.lab.build import ensure_lab
 
     return ensure_lab()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Two OpenMP threads on a busy 2-core machine run the tiny lab model ~30x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

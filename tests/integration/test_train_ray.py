@@ -32,12 +32,8 @@ TIMINGS: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two OpenMP threads on a busy 2-core machine run this tiny model ~30x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_torch_thread):
+    """This module's tiny models run on one torch thread (see tests/conftest.py)."""
 
 
 def _spec(lab, **overrides) -> TrainSpec:
