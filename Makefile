@@ -18,7 +18,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml infra/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --progress-bar off "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
-	$(BIN)/pip install --progress-bar off -c infra/constraints.txt -e '.[test]'
+	$(BIN)/pip install --progress-bar off -c infra/constraints.txt -e '.[test,bench]'
 	@touch $(STAMP)
 
 demo: venv
@@ -40,8 +40,10 @@ unit: venv
 integration: venv browser
 	$(BIN)/pytest tests/integration -q --durations=15
 
+# Each benchmark runs our code and its peer in one process run and prints a JSON line last;
+# results and the commands that produced them are recorded in benchmarks/RESULTS.md.
 bench: venv
-	@echo "benchmarks arrive with the issues that define them (see benchmarks/)"
+	$(BIN)/python benchmarks/curate_throughput.py
 
 clean:
 	rm -rf .loraforge .pytest_cache

@@ -78,8 +78,10 @@ def run_pipeline(spec: PipelineSpec, mlflow_uri: str | None) -> PipelineResult:
     console.print(f"[bold]pipeline {spec.name}[/] -> {run_dir}")
     status = "FAILED"
     try:
-        # Curation needs no model: do not build or download one for a curate-only job.
-        needs_model = any(s.kind != "curate" for s in spec.stages)
+        # Plain curation needs no model: do not build or download one for such a curate-only job.
+        needs_model = any(
+            s.kind != "curate" or s.scores is not None or s.mods is not None for s in spec.stages
+        )
         model = resolve_model(spec.model) if needs_model else spec.model
         state: dict[str, Any] = {}
         for stage in spec.stages:

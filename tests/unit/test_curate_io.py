@@ -61,3 +61,39 @@ def test_curate_output_folder(tmp_path):
     assert read_conversations(tmp_path / "out") == [CONV, CONV]
     assert read_conversations(data) == [CONV, CONV]
     assert read_conversations(data / "part-00000-0.parquet") == [CONV]
+
+
+def test_jsonl_preference_and_text_rows(tmp_path):
+    path = tmp_path / "kinds.jsonl"
+    rows = [
+        {"prompt": "q", "chosen": "a", "rejected": "wrong"},  # -> prompt + chosen answer
+        {"chosen": CONV, "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no"}]},
+        {"text": "a whole document"},  # -> one assistant message
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert read_conversations(path) == [CONV, CONV, [{"role": "assistant", "content": "a whole document"}]]
+
+
+def test_plain_text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("doc one\nstill one\n\n\ndoc two\n")
+    assert read_conversations(path) == [[{"role": "assistant", "content": "doc one\nstill one"}],
+                                         [{"role": "assistant", "content": "doc two"}]]
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\nbad \xff\n")
+    with pytest.raises(DataError, match="bad.txt:3"):
+        read_conversations(tmp_path / "bad.txt")
+
+
+def test_raw_parquet_in_an_input_format(tmp_path):
+    path = tmp_path / "alpaca.parquet"
+    pq.write_table(pa.table({"instruction": ["q", "q"], "input": [None, ""], "output": ["a", "a"]}), path)
+    assert read_conversations(path) == [CONV, CONV]
+    pq.write_table(pa.table({"instruction": ["q", "q"], "output": ["a", None]}), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match="bad.parquet:record 2.*'output'"):
+        read_conversations(tmp_path / "bad.parquet")
+
+
+def test_unreadable_parquet_is_a_data_error(tmp_path):
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="junk.parquet"):
+        read_conversations(tmp_path / "junk.parquet")

@@ -1,4 +1,4 @@
-"""Curation ops on in-memory Arrow batches: reading, parsing, filters, exact dedup (no Ray)."""
+"""Curation ops on in-memory Arrow batches: reading (JSONL, Parquet, text), parsing, exact dedup (no Ray)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from loraforge.data import ops
-from loraforge.data.schema import LINE_SCHEMA, MESSAGES_TYPE, ROW_SCHEMA
+from loraforge.data.schema import KIND_CHAT, KIND_PREFERENCE, KIND_TEXT, LINE_SCHEMA, MESSAGES_TYPE, ROW_SCHEMA
+from loraforge.errors import DataError
 
 
 def alpaca(instruction: str, output: str, inp: str = "") -> str:
@@ -45,6 +47,96 @@ def test_read_lines_numbers_lines_skips_blanks_and_survives_bad_bytes(tmp_path):
     assert table.column("text").to_pylist() == ['{"a": 1}', None, '{"b": 2}', "last-no-newline"]
     assert set(table.column("format").to_pylist()) == {"alpaca"}
     assert set(table.column("input_index").to_pylist()) == {3}
+    assert set(table.column("group").to_pylist()) == {"src"}  # no group given: the source name
+    assert set(table.column("rehearsal").to_pylist()) == {False}
+
+
+def files_of(path, fmt="auto", group=None, rehearsal=False, source="src") -> pa.Table:
+    return ops.file_table([{"input_index": 0, "source": source, "path": str(path), "format": fmt,
+                            "group": group, "rehearsal": rehearsal}])
+
+
+def test_read_parquet_records_in_chunks_through_the_same_parse(tmp_path):
+    path = tmp_path / "in.parquet"
+    records = [
+        {"instruction": "q1", "input": None, "output": "a1", "chosen": None, "rejected": None, "prompt": None},
+        {"instruction": None, "input": None, "output": None, "chosen": "yes", "rejected": "no", "prompt": "p"},
+        {"instruction": "q3", "input": "ctx", "output": None, "chosen": None, "rejected": None, "prompt": None},
+    ]
+    # a Parquet table has one schema: absent fields are null columns; null means "absent" for detection
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=2)
+    chunks = list(ops.read_lines(files_of(path, group="g", rehearsal=True), chunk_lines=2))
+    assert [c.num_rows for c in chunks] == [2, 1]
+    lines = pa.concat_tables(chunks)
+    assert lines.column("line").to_pylist() == [1, 2, 3]
+    assert set(lines.column("group").to_pylist()) == {"g"} and set(lines.column("rehearsal").to_pylist()) == {True}
+    assert json.loads(lines.column("text")[0].as_py())["instruction"] == "q1"
+    rows = by_id(ops.parse_lines(lines))
+    assert (rows["src:1"]["kind"], rows["src:1"]["messages"]) == (KIND_CHAT, [
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}])
+    assert (rows["src:2"]["kind"], rows["src:2"]["rejected"]) == (KIND_PREFERENCE, "no")
+    assert (rows["src:3"]["status"], rows["src:3"]["reason"]) == ("dropped", "bad_type")  # output is null
+    assert "'output'" in rows["src:3"]["detail"]
+    assert {r["group"] for r in rows.values()} == {"g"}
+
+
+def test_parquet_chat_and_preference_records(tmp_path):
+    path = tmp_path / "chat.parquet"
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    pq.write_table(pa.Table.from_pylist([{"messages": msgs}, {"messages": msgs[:1]}]), path)
+    rows = by_id(ops.parse_lines(pa.concat_tables(ops.read_lines(files_of(path, "chat")))))
+    assert rows["src:1"]["messages"] == msgs and rows["src:1"]["status"] == "kept"
+    assert (rows["src:2"]["status"], rows["src:2"]["reason"]) == ("dropped", "no_assistant")
+
+
+def test_parquet_odd_value_types_do_not_crash(tmp_path):
+    import datetime
+
+    path = tmp_path / "odd.parquet"
+    table = pa.table({"text": ["doc one", "doc two"], "when": [datetime.date(2024, 1, 1), None],
+                      "raw": [b"ok", b"\xff\xfe"]})
+    pq.write_table(table, path)
+    rows = by_id(ops.parse_lines(pa.concat_tables(ops.read_lines(files_of(path, "text")))))
+    assert rows["src:1"]["messages"] == [{"role": "assistant", "content": "doc one"}]
+    assert (rows["src:2"]["status"], rows["src:2"]["reason"]) == ("dropped", "bad_encoding")  # bytes not UTF-8
+
+
+@pytest.mark.parametrize("content", [b"not parquet at all", b""])
+def test_unreadable_parquet_is_a_data_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="broken.parquet: cannot read as Parquet"):
+        list(ops.read_lines(files_of(path)))
+    with pytest.raises(DataError, match="broken.parquet"):
+        ops.check_input_file(path, "auto")
+
+
+def test_read_plain_text_documents(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"First doc line one\nline two\n\n\n  \nSecond doc\r\n\nbad \xff byte\nmore\n\nlast")
+    lines = pa.concat_tables(ops.read_lines(files_of(path, "text"), chunk_lines=2))
+    assert lines.column("line").to_pylist() == [1, 6, 8, 11]  # first line of each block
+    assert set(lines.column("format").to_pylist()) == {"text"}
+    rows = by_id(ops.parse_lines(lines))
+    assert rows["src:1"]["messages"] == [{"role": "assistant", "content": "First doc line one\nline two"}]
+    assert rows["src:1"]["kind"] == KIND_TEXT
+    assert rows["src:6"]["messages"][0]["content"] == "Second doc"
+    assert (rows["src:8"]["status"], rows["src:8"]["reason"]) == ("dropped", "bad_encoding")
+    assert rows["src:11"]["messages"][0]["content"] == "last"
+    # auto on a .txt file also means plain documents
+    assert pa.concat_tables(ops.read_lines(files_of(path, "auto"))).num_rows == 4
+
+
+def test_text_input_needs_the_text_format(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("hello\n")
+    with pytest.raises(DataError, match="format must be text, not 'alpaca'"):
+        list(ops.read_lines(files_of(path, "alpaca")))
+
+
+def test_input_type_by_suffix():
+    assert [ops.input_type(p) for p in ("a.jsonl", "b.json", "c.PARQUET", "d.txt", "e")] == [
+        "jsonl", "jsonl", "parquet", "txt", "jsonl"]
 
 
 def test_parse_lines_ids_statuses_and_schema():
@@ -63,17 +155,35 @@ def test_parse_lines_ids_statuses_and_schema():
     assert rows["s:5#1"]["status"] == "kept" and rows["s:5#1"]["sub"] == 1
     assert rows["s:5#2"]["reason"] == "bad_type"
     assert table.schema.field("messages").type == MESSAGES_TYPE
+    assert {r["kind"] for r in rows.values() if r["status"] == "kept"} == {KIND_CHAT}
+    assert rows["s:2"]["kind"] is None
+    # group defaults to the source name, rehearsal to false, on every row (dropped ones too)
+    assert {(r["group"], r["rehearsal"]) for r in rows.values()} == {("s", False)}
+    # columns later ops fill start null
+    assert table.column("heuristic_score").null_count == table.num_rows
+    assert table.column("pii").null_count == table.num_rows
 
 
-@pytest.mark.parametrize(
-    ("answer", "user", "reason"),
-    [("", "q", "empty"), ("   \n", "q", "empty"), ("abc", "q", "too_short"), ("abcde", "q", None),
-     ("abcde", "q" * 6, "too_long"), ("abcde", "q" * 5, None)],
-)
-def test_length_reason(answer, user, reason):
-    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    total = sum(len(m["content"]) for m in messages)
-    assert ops.length_reason(messages, total, min_chars=4, max_chars=10) == reason
+def test_parse_lines_kinds_rejected_group_and_rehearsal():
+    pref = json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"})
+    text = json.dumps({"text": "Once upon a time."})
+    lines = pa.Table.from_pylist(
+        [{"input_index": 0, "source": "s", "format": "auto", "group": "maths", "rehearsal": True, "line": i, "text": t}
+         for i, t in enumerate([pref, text], start=1)],
+        schema=LINE_SCHEMA,
+    )
+    rows = by_id(ops.parse_lines(lines))
+    assert (rows["s:1"]["kind"], rows["s:1"]["rejected"]) == (KIND_PREFERENCE, "5")
+    assert rows["s:1"]["messages"][-1] == {"role": "assistant", "content": "4"}
+    assert rows["s:1"]["text_chars"] == len("2+2?") + 1  # messages only, not the rejected answer
+    assert (rows["s:2"]["kind"], rows["s:2"]["rejected"]) == (KIND_TEXT, None)
+    assert rows["s:2"]["messages"] == [{"role": "assistant", "content": "Once upon a time."}]
+    assert {(r["group"], r["rehearsal"]) for r in rows.values()} == {("maths", True)}
+
+
+def test_parse_lines_of_an_empty_table():
+    out = ops.parse_lines(LINE_SCHEMA.empty_table())
+    assert out.schema == ROW_SCHEMA and out.num_rows == 0
 
 
 def test_length_filter_marks_only_kept_rows():
@@ -88,6 +198,8 @@ def test_length_filter_marks_only_kept_rows():
         "s:5": ("kept", None, None),
     }
     assert "max_chars=40" in out["s:4"]["detail"]
+    # the length filter scores what it examines; parse-dropped rows stay unscored
+    assert out["s:2"]["heuristic_score"] is not None and out["s:3"]["heuristic_score"] is None
 
 
 def test_content_hash_normalises_whitespace_but_keeps_case_and_roles():
@@ -134,7 +246,16 @@ def test_curate_batch_without_dedup_keeps_duplicates():
     assert ops.curate_batch(t, 1, 100).column("status").to_pylist() == ["kept", "merged"]
 
 
+def test_curate_batch_with_a_filter_spec():
+    from loraforge.spec import FilterSpec
+
+    t = lines_table("s", [alpaca("q", "a b c d"), alpaca("q", "a")])
+    out = ops.curate_batch(t, filters=FilterSpec(min_words=2))
+    assert out.column("reason").to_pylist() == [None, "too_few_words"]
+
+
 def test_pure_core_does_not_import_ray():
     code = ("import sys, loraforge.data.ops, loraforge.data.ledger, loraforge.data.io, loraforge.data.output, "
-            "loraforge.data.plots; assert 'ray' not in sys.modules, 'ray imported'")
+            "loraforge.data.plots, loraforge.data.filters, loraforge.data.pii; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

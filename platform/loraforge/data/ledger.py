@@ -67,10 +67,13 @@ def check_exact_dedup(rows: pa.Table) -> None:
         )
 
 
-def funnel(ledger: pa.Table, exact_dedup: bool = True) -> list[dict[str, Any]]:
-    """Rows left after each op, starting with all rows in."""
+def funnel(ledger: pa.Table, steps: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows left after each op that ran (`steps`, in pipeline order; default all), starting with all rows in."""
     removed = Counter(ledger.column("op").to_pylist())
-    steps = [op for op in OPS if exact_dedup or op != "exact_dedup"]
+    steps = list(OPS) if steps is None else steps
+    unknown = set(removed) - set(steps) - {None}
+    if unknown:
+        raise LedgerInvariantError(f"ledger names ops {sorted(unknown)} that are not among the steps run {steps}")
     rows = ledger.num_rows
     out = [{"step": "in", "rows": rows}]
     for op in steps:
@@ -80,7 +83,7 @@ def funnel(ledger: pa.Table, exact_dedup: bool = True) -> list[dict[str, Any]]:
 
 
 def build_manifest(
-    ledger: pa.Table, rows_in: int, sources: list[str], exact_dedup: bool = True
+    ledger: pa.Table, rows_in: int, sources: list[str], steps: list[str] | None = None
 ) -> dict[str, Any]:
     """Counts in/kept/dropped/merged, per op, per reason and per source (checks the invariant first)."""
     counts = check_ledger(ledger, rows_in)
@@ -97,5 +100,5 @@ def build_manifest(
         "by_op": dict(sorted(by_op.items())),
         "by_reason": dict(sorted(by_reason.items())),
         "by_source": by_source,
-        "funnel": funnel(ledger, exact_dedup),
+        "funnel": funnel(ledger, steps),
     }

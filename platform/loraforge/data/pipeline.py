@@ -1,11 +1,17 @@
-"""The curate stage: Ray Data schedules the pure ops of loraforge.data.ops over the input files.
+"""The curate stage: Ray Data schedules the pure ops of loraforge.data over the input files.
 
-    files -> read_lines -> parse_lines  (materialised: rows in)
-          -> length_filter -> add_content_hash
-          -> kept rows: sort(content_hash) -> mark_duplicates per block  (+ the other rows)
-          -> kept rows sorted by input order -> <output>/data/part-*.parquet
+    files -> read_lines -> parse_lines                         (materialised: rows in)
+          -> filters -> PII redaction                          (per batch)
+          -> exact dedup (sort on content hash, per block)
+          -> line dedup, fuzzy MinHash-LSH dedup              (collect -> resolve on driver -> apply)
+          -> contamination against eval sets                   (index built on driver, applied per batch)
+          -> model scores: perplexity, IFD, token cleaning     (actor pool; IFD/token cut-offs dataset-wide)
+          -> MoDS: quality, coverage (K-center), necessity     (actor pools + driver)
+          -> mixture, rehearsal, curriculum order              (plan on driver, applied per batch)
+          -> kept rows in output order -> <output>/data/part-*.parquet
           -> every row -> <output>/ledger.parquet, manifest.json, funnel.png
 
+Rows are marked, never removed, so the ledger accounts for every input row (checked before writing).
 The output folder is built beside its final place and renamed into it once complete.
 """
 
@@ -14,48 +20,77 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from ray.data import DataContext, SaveMode
-from ray.data.context import ShuffleStrategy
+from ray.data import Dataset, SaveMode
 from ray.data.datasource import FilenameProvider
 
 from loraforge.context import StageContext
 from loraforge.data.ledger import COUNT_KEYS, build_manifest, check_exact_dedup, ledger_table
-from loraforge.data.ops import (
-    add_content_hash,
-    length_filter,
-    mark_duplicates,
-    parse_lines,
-    read_lines,
-    with_status,
-)
+from loraforge.data.manifest_stats import kept_stats
+from loraforge.data.ops import add_content_hash, check_input_file, mark_duplicates, parse_lines, read_lines, with_status
 from loraforge.data.output import check_output_free, staged_output
 from loraforge.data.plots import save_funnel_plot
-from loraforge.data.schema import KEPT, LEDGER_SCHEMA, ORDER_KEYS, OUTPUT_SCHEMA, ROW_SCHEMA
+from loraforge.data.ray_steps import StepLog, actor_map, arrow_map, collect, data_context
+from loraforge.data.schema import (
+    KEPT,
+    OP_CONTAMINATION,
+    OP_EXACT_DEDUP,
+    OP_FILTER,
+    OP_FUZZY_DEDUP,
+    OP_LINE_DEDUP,
+    OP_MIXTURE,
+    OP_MODS,
+    OP_PARSE,
+    OP_PII,
+    OP_SCORES,
+    ORDER_KEYS,
+    OUTPUT_SCHEMA,
+    ROW_SCHEMA,
+)
 from loraforge.errors import DataError
 from loraforge.resolve import resolve_data
 from loraforge.spec import CurateSpec
 from loraforge.tracking import RunRef
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("loraforge.curate")
 
 
 @dataclass
 class CurateResult:
     output_dir: Path
-    data_dir: Path  # kept rows: part-*.parquet (id, source, messages)
+    data_dir: Path  # kept rows: part-*.parquet (OUTPUT_SCHEMA), in output order
     ledger_path: Path  # one entry per input row: id, source, status, op, reason, detail, merged_into
     manifest: dict[str, Any]
     manifest_path: Path
     funnel_path: Path
+
+
+def steps_run(spec: CurateSpec) -> list[str]:
+    """The ops this spec runs, in pipeline order (the funnel's steps)."""
+    steps = [OP_PARSE, OP_FILTER]
+    if spec.pii.enabled and spec.pii.types:
+        steps.append(OP_PII)
+    if spec.dedup.exact:
+        steps.append(OP_EXACT_DEDUP)
+    if spec.dedup.lines:
+        steps.append(OP_LINE_DEDUP)
+    if spec.dedup.fuzzy:
+        steps.append(OP_FUZZY_DEDUP)
+    if spec.contamination.eval_sets:
+        steps.append(OP_CONTAMINATION)
+    if spec.scores is not None:
+        steps.append(OP_SCORES)
+    if spec.mods is not None:
+        steps.append(OP_MODS)
+    steps.append(OP_MIXTURE)
+    return steps
 
 
 def resolve_inputs(spec: CurateSpec) -> list[dict[str, Any]]:
@@ -69,12 +104,16 @@ def resolve_inputs(spec: CurateSpec) -> list[dict[str, Any]]:
         except DataError as err:
             raise DataError(f"{field}: {err}") from None
         if not path.is_file():
-            raise DataError(f"{field}: {inp.path} is not a file (expected a JSONL file)")
+            raise DataError(f"{field}: {inp.path} is not a file (expected JSONL, Parquet or .txt)")
         try:
             with path.open("rb") as fh:
                 fh.read(1)
         except OSError as err:
             raise DataError(f"{field}: cannot read {path}: {err.strerror or err}") from None
+        try:
+            check_input_file(path, inp.format)  # unreadable Parquet, .txt with a row format, ...
+        except DataError as err:
+            raise DataError(f"{field}: {err}") from None
         name = inp.name or path.stem
         if name in names:
             raise DataError(
@@ -82,77 +121,199 @@ def resolve_inputs(spec: CurateSpec) -> list[dict[str, Any]]:
                 "set a distinct `name` on one of them (row ids are <name>:<line>)"
             )
         names[name] = i
-        files.append({"input_index": i, "source": name, "path": str(path), "format": inp.format})
+        files.append({
+            "input_index": i, "source": name, "path": str(path), "format": inp.format,
+            "group": inp.group or name, "rehearsal": inp.rehearsal,
+        })
     return files
 
 
 class _PartFiles(FilenameProvider):
-    """part-00000-0.parquet, ... in write-task order (which follows the sorted block order)."""
+    """part-00000.parquet, ... in write-task order (which follows the sorted block order)."""
 
     def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
         return f"part-{task_index:05d}.parquet"
-
-
-@contextmanager
-def _data_context() -> Iterator[None]:
-    """Ray Data settings for this stage, restored afterwards (the caller may share the driver).
-
-    preserve_order: rows in the output files follow input order on every run (only the split into
-    files may differ, as sort boundaries are sampled).
-    Pull-based sort shuffle for groupby/sort: the default actor-based hash shuffle costs ~30 s of
-    actor start-up per groupby on a 2-CPU machine, against ~2 s for these task-based shuffles.
-    """
-    ctx = DataContext.get_current()
-    before = (ctx.execution_options.preserve_order, ctx.shuffle_strategy)
-    ctx.execution_options.preserve_order = True
-    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    try:
-        yield
-    finally:
-        ctx.execution_options.preserve_order, ctx.shuffle_strategy = before
 
 
 def _to_output(table: pa.Table) -> pa.Table:
     return table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
 
 
-def _to_table(ds: Any, columns: list[str]) -> pa.Table:
+def _to_table(ds: Dataset, columns: list[str]) -> pa.Table:
     tables = [t for t in ray.get(ds.select_columns(columns).to_arrow_refs()) if t.num_rows]
     if not tables:
         return ROW_SCHEMA.empty_table().select(columns)
     return pa.concat_tables([t.select(columns) for t in tables], promote_options="permissive")
 
 
-def _curate_rows(files: list[dict[str, Any]], spec: CurateSpec) -> tuple[Any, int]:
-    """Run the ops on Ray Data; return (materialised ROW_SCHEMA dataset, rows in after parse)."""
-    def arrow(ds: Any, fn: Any, **kwargs: Any) -> Any:
-        return ds.map_batches(fn, batch_format="pyarrow", fn_kwargs=kwargs or None)
+# Columns the driver never needs for the ledger and manifest (they stay in the Ray object store).
+_BULKY = ("messages", "rejected", "token_scores", "loss_weights")
 
-    lines = ray.data.from_items(files).map_batches(read_lines, batch_size=1, batch_format="pyarrow")
-    parsed = arrow(lines, parse_lines).materialize()
-    rows_in = parsed.count()
-    rows = arrow(parsed, length_filter, min_chars=spec.min_chars, max_chars=spec.max_chars)
-    if not spec.exact_dedup:
-        return rows.materialize(), rows_in
-    rows = arrow(rows, add_content_hash).materialize()
-    kept = arrow(rows, with_status, status=KEPT)
+
+def _split_kept(rows: Dataset) -> tuple[Dataset, Dataset]:
+    return arrow_map(rows, with_status, status=KEPT), arrow_map(rows, with_status, status=KEPT, keep=False)
+
+
+# ---------------------------------------------------------------- the steps
+def _exact_dedup(rows: Dataset) -> Dataset:
+    rows = arrow_map(rows, add_content_hash).materialize()
+    kept, others = _split_kept(rows)
     if kept.count() == 0:
-        return rows, rows_in
-    others = arrow(rows, with_status, status=KEPT, keep=False)
+        return rows
     # A global sort on the hash range-partitions the rows, so all rows of one hash land in one block;
-    # whole blocks (batch_size=None) then go to mark_duplicates. This is exactly how Ray's own
-    # groupby().map_groups() co-locates groups under a sort shuffle, minus its per-group UDF call,
-    # which cost ~8 ms per distinct hash here (90k rows: 370 s with map_groups).
+    # whole blocks (batch_size=None) then go to mark_duplicates: Ray's own groupby().map_groups() under a
+    # sort shuffle co-locates groups the same way, minus its per-group UDF call (~8 ms per group here).
     deduped = kept.sort("content_hash").map_batches(mark_duplicates, batch_size=None, batch_format="pyarrow")
-    return deduped.union(others).materialize(), rows_in
+    return deduped.union(others).materialize()
 
 
-def _write_kept(rows: Any, data_dir: Path, n_kept: int) -> None:
+def _line_dedup(rows: Dataset, spec: CurateSpec) -> Dataset:
+    from loraforge.data.dedup import first_line_owners, line_hashes, remove_seen_lines
+
+    hashes = collect(rows, line_hashes, min_line_chars=spec.dedup.min_line_chars)
+    owners = first_line_owners(hashes)
+    return arrow_map(rows, remove_seen_lines, decision=owners, min_line_chars=spec.dedup.min_line_chars).materialize()
+
+
+def _fuzzy_dedup(rows: Dataset, spec: CurateSpec, stats: dict[str, Any]) -> Dataset:
+    from loraforge.data.dedup import band_keys, fuzzy_clusters, mark_fuzzy_duplicates
+
+    keys = collect(rows, band_keys, spec=spec.dedup)
+    decision = fuzzy_clusters(keys, spec.dedup)
+    stats["fuzzy_dedup"] = getattr(decision, "summary", lambda: {})()
+    return arrow_map(rows, mark_fuzzy_duplicates, decision=decision).materialize()
+
+
+def _contamination(rows: Dataset, spec: CurateSpec, stats: dict[str, Any]) -> Dataset:
+    from loraforge.data.contamination import build_contamination_index, load_eval_items, mark_contaminated
+
+    paths = []
+    for i, ref in enumerate(spec.contamination.eval_sets):
+        try:
+            paths.append(resolve_data(ref))
+        except DataError as err:
+            raise DataError(f"contamination.eval_sets.{i}: {err}") from None
+    items = load_eval_items(paths)
+    stats["contamination"] = {"eval_items": len(items), "eval_sets": [str(p) for p in paths]}
+    index = build_contamination_index(items, spec.contamination)
+    return arrow_map(rows, mark_contaminated, index=index, spec=spec.contamination).materialize()
+
+
+def _scores(rows: Dataset, spec: CurateSpec, model_ref: str, stats: dict[str, Any]) -> Dataset:
+    from loraforge.data.scores import ScoreRows, apply_token_weights, ifd_cutoff, mark_ifd, token_threshold
+
+    sc = spec.scores
+    assert sc is not None
+    kept, others = _split_kept(rows)
+    scored = actor_map(
+        kept, ScoreRows, actors=sc.actors, cpus=sc.actor_cpus, batch_size=sc.batch_size * 4,
+        model_ref=sc.model or model_ref, spec=sc.model_dump(),
+    ).materialize()
+    summary: dict[str, Any] = {"model": sc.model or model_ref}
+    if sc.ifd:
+        ifd = collect(scored.select_columns(["ifd", "rehearsal"]))
+        values = [v for v, r in zip(ifd.column("ifd").to_pylist(), ifd.column("rehearsal").to_pylist(), strict=True)
+                  if v is not None and not r] if ifd.num_rows else []
+        cutoff = ifd_cutoff(values, sc.ifd_top_fraction) if sc.ifd_top_fraction else None
+        summary["ifd_cutoff"] = cutoff
+        scored = arrow_map(scored, mark_ifd, drop_above_one=sc.drop_ifd_above_one, cutoff=cutoff)
+    if sc.token_cleaning is not None:
+        tok = collect(arrow_map(scored, with_status, status=KEPT).select_columns(["token_scores"]))
+        lists = [s for s in tok.column("token_scores").to_pylist() if s] if tok.num_rows else []
+        threshold = token_threshold(lists, sc.token_cleaning.keep_fraction)
+        summary["token_threshold"] = threshold
+        summary["tokens_scored"] = int(sum(len(s) for s in lists))
+        scored = arrow_map(scored, apply_token_weights, threshold=threshold)
+    stats["scores"] = summary
+    return scored.union(others).materialize()
+
+
+def _mods(rows: Dataset, spec: CurateSpec, model_ref: str, seed: int, stats: dict[str, Any]) -> Dataset:
+    from loraforge.data import mods
+
+    ms = spec.mods
+    assert ms is not None
+    sc_cpus = spec.scores.actor_cpus if spec.scores else 0.5
+    kept, others = _split_kept(rows)
+    scored = actor_map(kept, mods.QualityScorer, actors=1, cpus=sc_cpus, batch_size=64,
+                       scorer_ref=ms.scorer).materialize()
+    scored = arrow_map(scored, mods.mark_low_quality, threshold=ms.quality_threshold).materialize()
+    candidates, low = _split_kept(scored)
+    embedded = actor_map(candidates, mods.Embedder, actors=1, cpus=sc_cpus, batch_size=64,
+                         kind=ms.embedder, model_ref=model_ref)
+    pool = collect(embedded, mods.selection_inputs)
+    decision = mods.mods_decision(pool, ms, base_model_ref=model_ref, seed=seed)
+    stats["mods"] = decision.summary
+    selected = arrow_map(candidates, mods.mark_mods, decision=decision)
+    return selected.union(low).union(others).materialize()
+
+
+def _mixture(rows: Dataset, spec: CurateSpec, seed: int, stats: dict[str, Any]) -> Dataset:
+    from loraforge.data.mixture import apply_mixture, mixture_inputs, mixture_plan
+
+    table = collect(rows, mixture_inputs)
+    plan = mixture_plan(table, spec.mixture, seed)
+    stats["mixture"] = plan.summary
+    return arrow_map(rows, apply_mixture, plan=plan).materialize()
+
+
+def _curate_rows(files: list[dict[str, Any]], spec: CurateSpec, ctx: StageContext, stats: dict[str, Any]
+                 ) -> tuple[Dataset, int]:
+    """Run the ops on Ray Data; return (materialised ROW_SCHEMA dataset, rows in after parse)."""
+    steps = steps_run(spec)
+    progress = StepLog(len(steps))
+    model_ref = ctx.model_ref or ctx.model
+    with progress.step("parse"):
+        lines = ray.data.from_items(files).map_batches(read_lines, batch_size=1, batch_format="pyarrow")
+        rows = arrow_map(lines, parse_lines).materialize()
+        rows_in = rows.count()
+    with progress.step("filter" + (" + pii" if OP_PII in steps else "")):
+        rows = arrow_map(rows, _filters_op(), spec=spec.filters)
+        if OP_PII in steps:
+            rows = arrow_map(rows, _pii_op(), spec=spec.pii)
+        rows = rows.materialize()
+    if OP_EXACT_DEDUP in steps:
+        with progress.step("exact dedup"):
+            rows = _exact_dedup(rows)
+    if OP_LINE_DEDUP in steps:
+        with progress.step("line dedup"):
+            rows = _line_dedup(rows, spec)
+    if OP_FUZZY_DEDUP in steps:
+        with progress.step("fuzzy dedup"):
+            rows = _fuzzy_dedup(rows, spec, stats)
+    if OP_CONTAMINATION in steps:
+        with progress.step("contamination"):
+            rows = _contamination(rows, spec, stats)
+    if OP_SCORES in steps:
+        with progress.step("model scores"):
+            rows = _scores(rows, spec, model_ref, stats)
+    if OP_MODS in steps:
+        with progress.step("MoDS selection"):
+            rows = _mods(rows, spec, model_ref, ctx.seed, stats)
+    with progress.step("mixture"):
+        rows = _mixture(rows, spec, ctx.seed, stats)
+    stats["timings_s"] = progress.timings
+    return rows, rows_in
+
+
+def _filters_op() -> Any:
+    from loraforge.data.filters import apply_filters
+
+    return apply_filters
+
+
+def _pii_op() -> Any:
+    from loraforge.data.pii import redact_pii
+
+    return redact_pii
+
+
+def _write_kept(rows: Dataset, data_dir: Path, n_kept: int) -> None:
     if n_kept == 0:
         data_dir.mkdir(parents=True)
         return
-    kept = rows.map_batches(with_status, batch_format="pyarrow", fn_kwargs={"status": KEPT})
-    ordered = kept.sort(ORDER_KEYS).map_batches(_to_output, batch_format="pyarrow")
+    kept = arrow_map(rows, with_status, status=KEPT)
+    ordered = kept.sort(["position", *ORDER_KEYS]).map_batches(_to_output, batch_format="pyarrow")
     # CREATE: the folder must not exist yet; it also allows names without the write uuid.
     ordered.write_parquet(str(data_dir), filename_provider=_PartFiles(), mode=SaveMode.CREATE)
     written = sum(pq.ParquetFile(f).metadata.num_rows for f in data_dir.glob("part-*.parquet"))
@@ -161,7 +322,17 @@ def _write_kept(rows: Any, data_dir: Path, n_kept: int) -> None:
 
 
 def spec_params(spec: CurateSpec) -> dict[str, Any]:
-    params: dict[str, Any] = spec.model_dump(exclude={"inputs"})
+    """Flat `section.field` params for MLflow (inputs numbered)."""
+    params: dict[str, Any] = {}
+
+    def flatten(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flatten(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            params[prefix] = value
+
+    flatten("", spec.model_dump(exclude={"inputs"}))
     for i, inp in enumerate(spec.inputs):
         params.update({f"inputs.{i}.{k}": v for k, v in inp.model_dump().items()})
     return params
@@ -170,6 +341,7 @@ def spec_params(spec: CurateSpec) -> dict[str, Any]:
 def log_to_mlflow(run: RunRef, spec: CurateSpec, result: CurateResult) -> None:
     run.log_params(spec_params(spec))
     run.log_metrics({f"rows.{k}": result.manifest[k] for k in COUNT_KEYS})
+    run.log_metrics({f"rows.after.{s['step']}": s["rows"] for s in result.manifest["funnel"]})
     run.log_dict(result.manifest, "curate/manifest.json")
     run.log_artifact(result.ledger_path, "curate")
     run.log_artifact(result.funnel_path, "curate")
@@ -187,20 +359,24 @@ def run_curate(spec: CurateSpec, ctx: StageContext) -> CurateResult:
     files = resolve_inputs(spec)
     if not ray.is_initialized():
         ray.init()
-    with staged_output(output) as staging, _data_context():
-        rows, rows_in = _curate_rows(files, spec)
-        everything = _to_table(rows, LEDGER_SCHEMA.names + ORDER_KEYS + ["content_hash"])
-        if spec.exact_dedup:
+    stats: dict[str, Any] = {}
+    with staged_output(output) as staging, data_context():
+        rows, rows_in = _curate_rows(files, spec, ctx, stats)
+        everything = _to_table(rows, [c for c in ROW_SCHEMA.names if c not in _BULKY])
+        if spec.dedup.exact:
             check_exact_dedup(everything)
         ledger = ledger_table(everything)
         sources = [f["source"] for f in files]
-        manifest = build_manifest(ledger, rows_in, sources, spec.exact_dedup)  # raises if a row is lost
+        manifest = build_manifest(ledger, rows_in, sources, steps_run(spec))  # raises if a row is lost
+        kept = everything.filter(pc.equal(everything.column("status"), KEPT))
+        manifest.update(kept_stats(kept))
+        manifest.update(stats)
         _write_kept(rows, staging / "data", manifest[KEPT])
         pq.write_table(ledger, staging / "ledger.parquet")
         save_funnel_plot(manifest["funnel"], staging / "funnel.png")
-        manifest["inputs"] = [{k: f[k] for k in ("source", "path", "format")} for f in files]
+        manifest["inputs"] = [{k: f[k] for k in ("source", "path", "format", "group", "rehearsal")} for f in files]
         manifest["elapsed_s"] = round(time.time() - started, 3)
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     result = CurateResult(
         output_dir=output,
         data_dir=output / "data",
