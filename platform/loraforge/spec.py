@@ -36,7 +36,7 @@ class InputSpec(_Strict):
     name: str | None = Field(default=None, description="source name in the ledger; default: file stem")
     group: str | None = Field(default=None, description="mixture group; default: the source name")
     rehearsal: bool = Field(
-        default=False, description="general-corpus replay: mixed in at mixture.rehearsal_share, not filtered by IFD/MoDS"
+        default=False, description="general-corpus replay: mixed in at mixture.rehearsal_share; IFD/MoDS never drop it"
     )
 
 
