@@ -306,7 +306,25 @@ class PipelineSpec(_Strict):
             raise ValueError(f"stages must run in the order {order}, got {kinds}")
         if "tune" in kinds and "train" not in kinds:
             raise ValueError("a tune stage needs a train stage: it searches around the train settings")
+        self._check_token_weights()
         return self
+
+    def _check_token_weights(self) -> None:
+        """Token-cleaning weights are per token of the scoring model's tokenisation: train must match it."""
+        curate, train = self.stage("curate"), self.stage("train")
+        if curate is None or train is None or curate.scores is None or curate.scores.token_cleaning is None:
+            return
+        scorer = curate.scores.model or self.model
+        if (train.model or self.model) != scorer:
+            raise ValueError(
+                f"curate.scores.token_cleaning writes per-token loss weights for {scorer!r}'s tokenizer; "
+                f"train.model {train.model!r} must be the same model"
+            )
+        if train.max_seq_len > curate.scores.max_seq_len:
+            raise ValueError(
+                f"train.max_seq_len ({train.max_seq_len}) exceeds curate.scores.max_seq_len "
+                f"({curate.scores.max_seq_len}): tokens beyond the scored length would have no loss weight"
+            )
 
     def stage(self, kind: str) -> Any:
         return next((s for s in self.stages if s.kind == kind), None)

@@ -144,3 +144,89 @@ def test_resume_skips_to_the_same_batches():
         resumed = run(6, 4, rank)
         assert all(torch.equal(a, b) for a, b in zip(straight[6:], resumed, strict=True))
     assert not torch.equal(run(0, 1, 0)[0], run(0, 1, 1)[0])
+
+
+# ---------------------------------------------------------------- curriculum order (data_order)
+def test_as_written_first_epoch_follows_the_dataset_order_then_shuffles():
+    n, batch, world = 24, 6, 2
+    curriculum = EpochOrder(n, seed=5, data_order="as_written")
+    shuffled = EpochOrder(n, seed=5)
+    steps = n // batch
+    first = [i for step in range(steps) for i in _global_batch(curriculum, step, batch, world)]
+    assert first == list(range(n))  # rank r of step s reads its slice of rows [s*6, s*6+6)
+    assert batch_indices(curriculum, 1, batch, 1, world) == [9, 10, 11]
+    second = [i for step in range(steps, 2 * steps) for i in _global_batch(curriculum, step, batch, world)]
+    assert sorted(second) == list(range(n)) and second != list(range(n))
+    # Later epochs are the shuffle order's own epochs: one seeded permutation per epoch either way.
+    assert second == [i for step in range(steps, 2 * steps) for i in _global_batch(shuffled, step, batch, world)]
+    assert [shuffled[p] for p in range(n)] != list(range(n))
+    with pytest.raises(ValueError, match="data_order"):
+        EpochOrder(n, seed=0, data_order="sorted")
+
+
+def test_as_written_resume_reads_the_same_batches():
+    examples = [TokenizedExample([i + 1] * (1 + i % 4), [i + 1] * (1 + i % 4)) for i in range(10)]
+
+    def run(start: int, n: int, rank: int, order: str) -> list[torch.Tensor]:
+        it = iter_batches(examples, global_batch_size=4, world_rank=rank, world_size=2, seed=3, pad_id=0,
+                          start_step=start, data_order=order)
+        return [b["input_ids"][:, 0] for b in itertools.islice(it, n)]
+
+    for rank in (0, 1):
+        straight = run(0, 8, rank, "as_written")
+        resumed = run(2, 6, rank, "as_written")  # resumes inside the curriculum epoch, crosses into epoch 2
+        assert all(torch.equal(a, b) for a, b in zip(straight[2:], resumed, strict=True))
+    assert run(0, 2, 0, "as_written")[0].tolist() == [1, 2] and run(0, 2, 1, "as_written")[1].tolist() == [7, 8]
+    assert [b.tolist() for b in run(0, 2, 0, "shuffle")] != [[1, 2], [5, 6]]
+
+
+def test_collate_weights_only_when_some_example_has_them():
+    plain = collate([TokenizedExample([5, 6], [IGNORE_INDEX, 6])], pad_id=0)
+    assert set(plain) == {"input_ids", "attention_mask", "labels"}
+    weighted = collate([TokenizedExample([5, 6], [IGNORE_INDEX, 6], [0.0, 0.5]), TokenizedExample([7], [7])], 0)
+    assert weighted["loss_weights"].dtype == torch.float32
+    assert weighted["loss_weights"].tolist() == [[0.0, 0.5], [1.0, 0.0]]
+
+
+# ---------------------------------------------------------------- training rows
+def test_training_rows_from_a_curate_folder_in_position_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from loraforge.data.schema import OUTPUT_SCHEMA
+    from loraforge.errors import DataError
+    from loraforge.train.training_rows import read_training_rows
+
+    def rows(ids, positions, weights):
+        convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in ids]
+        return pa.Table.from_pylist(
+            [{"id": f"s:{i}", "messages": c, "position": p, "loss_weights": w}
+             for i, c, p, w in zip(ids, convs, positions, weights, strict=True)],
+            schema=OUTPUT_SCHEMA,
+        )
+
+    (tmp_path / "out" / "data").mkdir(parents=True)
+    pq.write_table(rows([1, 2, 3], [4, 0, None], [[1.0, 0.0], None, None]), tmp_path / "out/data/part-0.parquet")
+    pq.write_table(rows([4, 5], [2, 1], [None, [0.0]]), tmp_path / "out/data/part-1.parquet")
+    read = read_training_rows(tmp_path / "out")
+    assert [r.id for r in read] == ["s:2", "s:5", "s:4", "s:1", "s:3"]  # by position; unpositioned last
+    assert [r.position for r in read] == [0, 1, 2, 4, None]
+    assert read[3].loss_weights == [1.0, 0.0] and read[0].loss_weights is None
+    assert read[0].messages[-1] == {"role": "assistant", "content": "a2"}
+    # A Parquet file of bare conversations (no optional columns) reads too.
+    pq.write_table(pa.table({"messages": [[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]]}),
+                   tmp_path / "bare.parquet")
+    assert read_training_rows(tmp_path / "bare.parquet")[0].loss_weights is None
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "nomsg.parquet")
+    with pytest.raises(DataError, match="no `messages` column"):
+        read_training_rows(tmp_path / "nomsg.parquet")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no Parquet files"):
+        read_training_rows(tmp_path / "empty")
+
+
+def test_training_rows_from_jsonl(lab):
+    from loraforge.train.training_rows import read_training_rows
+
+    read = read_training_rows(lab.data_dir / "tasks" / f"{lab.tasks[0]}_train.jsonl")
+    assert read and all(r.messages[-1]["role"] == "assistant" and r.loss_weights is None for r in read)

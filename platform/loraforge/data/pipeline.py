@@ -200,30 +200,31 @@ def _contamination(rows: Dataset, spec: CurateSpec, stats: dict[str, Any]) -> Da
 
 
 def _scores(rows: Dataset, spec: CurateSpec, model_ref: str, stats: dict[str, Any]) -> Dataset:
-    from loraforge.data.scores import ScoreRows, apply_token_weights, ifd_cutoff, mark_ifd, token_threshold
+    from loraforge.data import scores as S
 
     sc = spec.scores
     assert sc is not None
     kept, others = _split_kept(rows)
+    # Ray's batch_size is rows per actor call; sc.batch_size is rows per forward pass inside it.
     scored = actor_map(
-        kept, ScoreRows, actors=sc.actors, cpus=sc.actor_cpus, batch_size=sc.batch_size * 4,
+        kept, S.ScoreRows, actors=sc.actors, cpus=sc.actor_cpus, batch_size=max(64, 4 * sc.batch_size),
         model_ref=sc.model or model_ref, spec=sc.model_dump(),
     ).materialize()
     summary: dict[str, Any] = {"model": sc.model or model_ref}
-    if sc.ifd:
-        ifd = collect(scored.select_columns(["ifd", "rehearsal"]))
-        values = [v for v, r in zip(ifd.column("ifd").to_pylist(), ifd.column("rehearsal").to_pylist(), strict=True)
-                  if v is not None and not r] if ifd.num_rows else []
-        cutoff = ifd_cutoff(values, sc.ifd_top_fraction) if sc.ifd_top_fraction else None
+    if sc.ifd and (sc.drop_ifd_above_one or sc.ifd_top_fraction):
+        ifd = collect(scored, S.collect_ifd, drop_above_one=sc.drop_ifd_above_one)
+        values = ifd.column("ifd") if ifd.num_rows else []
+        cutoff = S.ifd_cutoff(values, sc.ifd_top_fraction) if sc.ifd_top_fraction else None
         summary["ifd_cutoff"] = cutoff
-        scored = arrow_map(scored, mark_ifd, drop_above_one=sc.drop_ifd_above_one, cutoff=cutoff)
+        scored = arrow_map(scored, S.mark_ifd, drop_above_one=sc.drop_ifd_above_one, cutoff=cutoff).materialize()
     if sc.token_cleaning is not None:
-        tok = collect(arrow_map(scored, with_status, status=KEPT).select_columns(["token_scores"]))
-        lists = [s for s in tok.column("token_scores").to_pylist() if s] if tok.num_rows else []
-        threshold = token_threshold(lists, sc.token_cleaning.keep_fraction)
-        summary["token_threshold"] = threshold
-        summary["tokens_scored"] = int(sum(len(s) for s in lists))
-        scored = arrow_map(scored, apply_token_weights, threshold=threshold)
+        # After the IFD marking, so the tokens of dropped rows are not ranked.
+        tokens = collect(scored, S.collect_token_scores)
+        values = tokens.column("token_score") if tokens.num_rows else []
+        threshold = S.token_threshold(values, sc.token_cleaning.keep_fraction)
+        summary.update(token_threshold=threshold, tokens_ranked=len(values),
+                       token_keep_fraction=sc.token_cleaning.keep_fraction)
+        scored = arrow_map(scored, S.apply_token_weights, threshold=threshold)
     stats["scores"] = summary
     return scored.union(others).materialize()
 

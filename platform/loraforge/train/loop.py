@@ -31,10 +31,11 @@ from loraforge.adapters import build_adapter, save_adapter
 from loraforge.resolve import load_model, load_tokenizer
 from loraforge.spec import TrainSpec
 from loraforge.tracking import RunRef
-from loraforge.train.objectives import LOSS_DENOMINATOR, OBJECTIVES, predicted_label_count
+from loraforge.train.objectives import LOSS_DENOMINATOR, OBJECTIVES, positive_or_one, predicted_label_weight
 from loraforge.train.schedule import learning_rate_at
-from loraforge.train.sft_data import iter_batches, per_worker_batch_size, read_training_conversations, tokenize_all
+from loraforge.train.sft_data import iter_batches, per_worker_batch_size, tokenize_all
 from loraforge.train.strategies import Strategy, make_strategy
+from loraforge.train.training_rows import read_training_rows
 
 TRAIN_STATE_FILE = "train_state.json"
 ADAPTER_SUBDIR = "adapter"  # the final checkpoint also carries the adapter (for multi-node clusters)
@@ -115,12 +116,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def global_denominator(local_weights: list[torch.Tensor], world_size: int) -> torch.Tensor:
+    """What each rank divides its summed loss by: the global batch's label weight / world_size.
+
+    `local_weights`: the ranks' `predicted_label_weight`s (label counts when unweighted), or their
+    all-reduced sum as one tensor.
+    """
+    return positive_or_one(torch.stack(local_weights).sum()) / world_size
+
+
 def _with_global_denominator(batch: dict[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
-    """Normalise every rank's loss by the global batch's label count (see objectives.LOSS_DENOMINATOR)."""
-    count = predicted_label_count(batch).float()
+    """Normalise every rank's loss by the global batch's label weight (see objectives.LOSS_DENOMINATOR)."""
+    weight = predicted_label_weight(batch)
     if dist.is_initialized() and world_size > 1:
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
-    return {**batch, LOSS_DENOMINATOR: count.clamp(min=1) / world_size}
+        dist.all_reduce(weight, op=dist.ReduceOp.SUM)
+    return {**batch, LOSS_DENOMINATOR: global_denominator([weight], world_size)}
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:
@@ -197,8 +207,8 @@ def _train(spec: TrainSpec, config: dict[str, Any], rank: int, world_size: int) 
     # Same seed on every rank: LoRA's random A matrices must start identical everywhere.
     _seed_all(spec.seed)
     tokenizer = load_tokenizer(config["model_path"])
-    conversations = read_training_conversations(config["data_path"])
-    examples, skipped = tokenize_all(tokenizer, conversations, spec.max_seq_len)
+    rows = read_training_rows(config["data_path"])  # curate's curriculum order; optional loss weights
+    examples, skipped = tokenize_all(tokenizer, rows, spec.max_seq_len)
     per_worker = per_worker_batch_size(spec.batch_size, world_size)
     model = build_adapter(load_model(config["model_path"], dtype=torch.float32), spec)
     strategy = make_strategy(model, spec, per_worker)
@@ -208,11 +218,12 @@ def _train(spec: TrainSpec, config: dict[str, Any], rank: int, world_size: int) 
     done, losses = _restore(strategy, rank)
     batches = iter_batches(
         examples, global_batch_size=spec.batch_size, world_rank=rank, world_size=world_size,
-        seed=spec.seed, pad_id=tokenizer.pad_token_id, start_step=done,
+        seed=spec.seed, pad_id=tokenizer.pad_token_id, start_step=done, data_order=spec.data_order,
     )
     metrics_out = MetricBuffer(run if rank == 0 else None)
     if attempt == 1 and run is not None:  # rank 0's first attempt only: MLflow params are write-once
         run.log_params({"data.examples": len(examples), "data.skipped_no_assistant_tokens": skipped,
+                        "data.weighted_examples": sum(e.weights is not None for e in examples),
                         "per_worker_batch_size": per_worker, "world_size": world_size})
     strategy.model.train()
     final_state: dict[str, torch.Tensor] | None = None
