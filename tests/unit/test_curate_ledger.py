@@ -75,7 +75,8 @@ def _tamper(ledger: pa.Table, row: int, **changes) -> pa.Table:
         (lambda t: t.slice(1), "rows in (8) != ledger entries (7)"),  # a row went missing
         (lambda t: _tamper(t, 1, status="lost"), "unknown statuses"),
         (lambda t: _tamper(t, 1, id="a:1"), "more than once"),
-        (lambda t: _tamper(t, 3, merged_into="a:5"), "point at no kept row"),  # a:5 was dropped
+        (lambda t: _tamper(t, 3, merged_into="a:5"), "point at no row that was kept"),  # a:5 dropped earlier
+        (lambda t: _tamper(t, 3, merged_into="a:404"), "point at no row that was kept"),  # no such row
         (lambda t: _tamper(t, 2, reason=None), "lack op or reason"),
     ],
 )
@@ -86,6 +87,19 @@ def test_check_ledger_raises_when_a_row_is_unaccounted_for(mutate, message):
     with pytest.raises(LedgerInvariantError, match="invariant violated") as info:
         build_manifest(mutate(ledger), n, ["a"])
     assert message in str(info.value)
+
+
+def test_a_merge_target_may_leave_later_but_not_before():
+    rows, n = curated()
+    ledger = ledger_table(rows)
+    merged = [i for i, r in enumerate(ledger.to_pylist()) if r["status"] == "merged"]
+    target = ledger.column("merged_into")[merged[0]].as_py()
+    pos = ledger.column("id").to_pylist().index(target)
+    later = _tamper(ledger, pos, status="dropped", op="contamination", reason="ngram_overlap")
+    assert check_ledger(later, n)["dropped"] == 4  # dropped after the exact-dedup merge: a valid chain
+    earlier = _tamper(ledger, pos, status="dropped", op="filter", reason="too_long")
+    with pytest.raises(LedgerInvariantError, match="point at no row that was kept"):
+        check_ledger(earlier, n)
 
 
 def test_funnel_plot_is_a_png(tmp_path):

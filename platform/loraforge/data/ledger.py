@@ -45,16 +45,38 @@ def check_ledger(ledger: pa.Table, rows_in: int) -> dict[str, int]:
     repeated = [i for i, n in ids.items() if n > 1]
     if repeated:
         problems.append(f"{len(repeated)} ids appear more than once, e.g. {repeated[:3]}")
-    kept_ids = {e["id"] for e in entries if e["status"] == KEPT}
-    orphans = [e["id"] for e in entries if e["status"] == MERGED and e["merged_into"] not in kept_ids]
+    orphans = _orphan_merges(entries)
     if orphans:
-        problems.append(f"{len(orphans)} merged rows point at no kept row, e.g. {orphans[:3]}")
+        problems.append(
+            f"{len(orphans)} merged rows point at no row that was kept at the time of the merge, e.g. {orphans[:3]}"
+        )
     unexplained = [e["id"] for e in entries if e["status"] != KEPT and not (e["op"] and e["reason"])]
     if unexplained:
         problems.append(f"{len(unexplained)} dropped/merged rows lack op or reason, e.g. {unexplained[:3]}")
     if problems:
         raise LedgerInvariantError("curation ledger invariant violated: " + "; ".join(problems))
     return {"in": rows_in, KEPT: counts[KEPT], DROPPED: counts[DROPPED], MERGED: counts[MERGED]}
+
+
+def _orphan_merges(entries: list[dict[str, Any]]) -> list[str]:
+    """Merged rows whose target is unknown, itself, or was already gone when the merge happened.
+
+    A target may leave later (a cluster's kept member dropped by contamination, merged again by fuzzy
+    dedup, ...): the chain is then followed in the ledger. It must not have left at or before the op
+    that merged into it, since that op would have merged into a row it could no longer see.
+    """
+    step = {op: i for i, op in enumerate(OPS)}
+    by_id = {e["id"]: e for e in entries}
+    bad = []
+    for e in entries:
+        if e["status"] != MERGED:
+            continue
+        target = by_id.get(e["merged_into"])
+        if target is None or target["id"] == e["id"]:
+            bad.append(e["id"])
+        elif target["status"] != KEPT and step.get(target["op"], -1) <= step.get(e["op"], len(OPS)):
+            bad.append(e["id"])
+    return bad
 
 
 def check_exact_dedup(rows: pa.Table) -> None:

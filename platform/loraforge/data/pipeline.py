@@ -230,30 +230,31 @@ def _scores(rows: Dataset, spec: CurateSpec, model_ref: str, stats: dict[str, An
 
 
 def _mods(rows: Dataset, spec: CurateSpec, model_ref: str, seed: int, stats: dict[str, Any]) -> Dataset:
-    from loraforge.data import mods
+    from loraforge.data import mods as M
 
     ms = spec.mods
     assert ms is not None
-    sc_cpus = spec.scores.actor_cpus if spec.scores else 0.5
+    cpus = spec.scores.actor_cpus if spec.scores else 0.5
     kept, others = _split_kept(rows)
-    scored = actor_map(kept, mods.QualityScorer, actors=1, cpus=sc_cpus, batch_size=64,
-                       scorer_ref=ms.scorer).materialize()
-    scored = arrow_map(scored, mods.mark_low_quality, threshold=ms.quality_threshold).materialize()
-    candidates, low = _split_kept(scored)
-    embedded = actor_map(candidates, mods.Embedder, actors=1, cpus=sc_cpus, batch_size=64,
-                         kind=ms.embedder, model_ref=model_ref)
-    pool = collect(embedded, mods.selection_inputs)
-    decision = mods.mods_decision(pool, ms, base_model_ref=model_ref, seed=seed)
+    # 1. quality (actor pool) -> drop low quality; 2. embed the instructions (actor pool)
+    scored = actor_map(kept, M.QualityScorer, actors=1, cpus=cpus, batch_size=64, scorer_ref=ms.scorer)
+    scored = arrow_map(scored, M.mark_low_quality, threshold=ms.quality_threshold)
+    embedded = actor_map(scored, M.Embedder, actors=1, cpus=cpus, batch_size=64,
+                         kind=ms.embedder, model_ref=model_ref).materialize()
+    # 3. coverage (K-center) and necessity on the driver; 4. apply the selection per batch
+    decision = M.mods_resolve(collect(embedded, M.mods_collect), ms, base_model_ref=model_ref, seed=seed)
     stats["mods"] = decision.summary
-    selected = arrow_map(candidates, mods.mark_mods, decision=decision)
-    return selected.union(low).union(others).materialize()
+    selected = arrow_map(arrow_map(embedded, M.mark_mods, decision=decision), M.drop_transient_columns)
+    return selected.union(others).materialize()
 
 
 def _mixture(rows: Dataset, spec: CurateSpec, seed: int, stats: dict[str, Any]) -> Dataset:
-    from loraforge.data.mixture import apply_mixture, mixture_inputs, mixture_plan
+    from loraforge.data.mixture import apply_mixture, mixture_collect, mixture_plan
 
-    table = collect(rows, mixture_inputs)
-    plan = mixture_plan(table, spec.mixture, seed)
+    keys = collect(rows, mixture_collect, spec=spec.mixture)
+    if keys.num_rows == 0:
+        return rows
+    plan = mixture_plan(keys, spec.mixture, seed)
     stats["mixture"] = plan.summary
     return arrow_map(rows, apply_mixture, plan=plan).materialize()
 
