@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 from loraforge.context import StageContext
 from loraforge.data.io import read_conversations
 from loraforge.data.pipeline import run_curate
-from loraforge.data.schema import LEDGER_SCHEMA, MESSAGES_TYPE
+from loraforge.data.filters import length_only as filters_only
+from loraforge.data.schema import LEDGER_SCHEMA, MESSAGES_TYPE, OUTPUT_SCHEMA
 from loraforge.errors import DataError
 from loraforge.paths import PROJECT_ROOT, shared_data_dir
 from loraforge.spec import CurateSpec
@@ -69,8 +70,9 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
 
 def test_curate_mixed_inputs_ledger_parquet_and_mlflow(ray_cluster, mlflow_server, mixed_inputs, tmp_path):
     alpha, beta = mixed_inputs
+    # Length filters and exact dedup only: the other ops have their own tests (test_curate_full.py).
     spec = CurateSpec(inputs=[{"path": str(alpha), "name": "alpha"}, {"path": str(beta), "format": "auto"}],
-                      max_chars=300)
+                      filters=filters_only(min_chars=1, max_chars=300), pii={"enabled": False}, dedup={"fuzzy": False})
     run = start_run(mlflow_server, "curate-tests", "curate", "curate", "curate-test")
     ctx = StageContext(run_dir=tmp_path / "run", model="lab", run=run)
     result = run_curate(spec, ctx)
@@ -86,7 +88,8 @@ def test_curate_mixed_inputs_ledger_parquet_and_mlflow(ray_cluster, mlflow_serve
     assert m["by_op"] == {"exact_dedup": 4, "filter": 2, "parse": 5}
     assert m["by_reason"] == {"bad_json": 1, "bad_type": 1, "duplicate": 4, "empty": 1, "missing_field": 1,
                               "no_assistant": 1, "not_object": 1, "too_long": 1}
-    assert [s["rows"] for s in m["funnel"]] == [18, 13, 11, 7]
+    assert [(s["step"], s["rows"]) for s in m["funnel"]] == [
+        ("in", 18), ("parse", 13), ("filter", 11), ("exact_dedup", 7), ("mixture", 7)]
     assert json.loads(result.manifest_path.read_text()) == m
 
     ledger = pq.read_table(result.ledger_path)
@@ -105,7 +108,8 @@ def test_curate_mixed_inputs_ledger_parquet_and_mlflow(ray_cluster, mlflow_serve
         "data", "ledger.parquet", "manifest.json", "funnel.png"}
     data = pq.read_table(result.data_dir)
     assert data.schema.field("messages").type == MESSAGES_TYPE
-    assert set(data.column_names) == {"id", "source", "messages"}
+    assert data.column_names == OUTPUT_SCHEMA.names
+    assert data.column("position").to_pylist() == list(range(7))  # output order, no curriculum: input order
     ids = [i for f in files for i in pq.read_table(f).column("id").to_pylist()]
     assert ids == ["alpha:1", "alpha:2", "alpha:4", "alpha:11", "b:4", "b:5#1", "b:5#2"]  # input order
     convs = read_conversations(result.output_dir)
@@ -116,7 +120,7 @@ def test_curate_mixed_inputs_ledger_parquet_and_mlflow(ray_cluster, mlflow_serve
     logged = client.get_run(run.run_id).data
     assert {k: logged.metrics[k] for k in ("rows.in", "rows.kept", "rows.dropped", "rows.merged")} == {
         "rows.in": 18, "rows.kept": 7, "rows.dropped": 7, "rows.merged": 4}
-    assert logged.params["inputs.0.name"] == "alpha" and logged.params["max_chars"] == "300"
+    assert logged.params["inputs.0.name"] == "alpha" and logged.params["filters.max_chars"] == "300"
     artifacts = {a.path for a in client.list_artifacts(run.run_id, "curate")}
     assert artifacts == {"curate/manifest.json", "curate/ledger.parquet", "curate/funnel.png"}
     local = Path(client.download_artifacts(run.run_id, "curate", str(tmp_path / "dl")))
