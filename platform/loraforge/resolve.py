@@ -8,9 +8,21 @@ from typing import Any
 from loraforge.errors import DataError, ModelError
 from loraforge.spec import LAB_DATA_PREFIX, LAB_MODEL
 
+# The lab's small quality scorer (MoDS), built inside the lab folder on first use.
+LAB_QUALITY_SCORER = "lab://quality_scorer"
+
+
+def _lab_quality_scorer() -> str:
+    from loraforge.lab.quality_scorer import ensure_quality_scorer
+
+    return str(ensure_quality_scorer())
+
 
 def resolve_model(ref: str) -> str:
-    """'lab' -> the cached lab model folder (built on first use); anything else unchanged."""
+    """'lab' -> the cached lab model folder (built on first use); lab://quality_scorer -> the lab's
+    quality scorer folder (built on first use); anything else unchanged."""
+    if ref == LAB_QUALITY_SCORER:
+        return _lab_quality_scorer()
     if ref == LAB_MODEL:
         from loraforge.lab.build import ensure_lab
 
@@ -24,7 +36,10 @@ def resolve_model(ref: str) -> str:
 
 
 def resolve_data(ref: str) -> Path:
-    """lab://<relative path> -> a file in the lab's data folder; otherwise a local path that must exist."""
+    """lab://<relative path> -> a file in the lab's data folder (lab://quality_scorer: the scorer's folder);
+    otherwise a local path that must exist."""
+    if ref == LAB_QUALITY_SCORER:
+        return Path(_lab_quality_scorer())
     if ref.startswith(LAB_DATA_PREFIX):
         from loraforge.lab.build import ensure_lab
 

@@ -425,7 +425,7 @@ def check_paths(spec: BaseModel, source: str = "<spec>") -> None:
                 if st.scores.token_cleaning is not None:
                     file_ok(f"{pre}scores.token_cleaning.reference_model", st.scores.token_cleaning.reference_model)
             if st.mods is not None:
-                file_ok(f"{pre}mods.scorer", st.mods.scorer)
+                model_ok(f"{pre}mods.scorer", st.mods.scorer)
         elif isinstance(st, TrainSpec):
             model_ok(f"{pre}model", st.model)
             file_ok(f"{pre}data", st.data)

@@ -3,7 +3,7 @@
     files -> read_lines -> parse_lines                         (materialised: rows in)
           -> filters -> PII redaction                          (per batch)
           -> exact dedup (sort on content hash, per block)
-          -> line dedup, fuzzy MinHash-LSH dedup              (collect -> resolve on driver -> apply)
+          -> fuzzy MinHash-LSH dedup, line dedup              (collect -> resolve on driver -> apply)
           -> contamination against eval sets                   (index built on driver, applied per batch)
           -> model scores: perplexity, IFD, token cleaning     (actor pool; IFD/token cut-offs dataset-wide)
           -> MoDS: quality, coverage (K-center), necessity     (actor pools + driver)
@@ -55,7 +55,7 @@ from loraforge.data.schema import (
     ROW_SCHEMA,
 )
 from loraforge.errors import DataError
-from loraforge.resolve import resolve_data
+from loraforge.resolve import resolve_data, resolve_model
 from loraforge.spec import CurateSpec
 from loraforge.tracking import RunRef
 
@@ -79,10 +79,10 @@ def steps_run(spec: CurateSpec) -> list[str]:
         steps.append(OP_PII)
     if spec.dedup.exact:
         steps.append(OP_EXACT_DEDUP)
-    if spec.dedup.lines:
-        steps.append(OP_LINE_DEDUP)
     if spec.dedup.fuzzy:
         steps.append(OP_FUZZY_DEDUP)
+    if spec.dedup.lines:
+        steps.append(OP_LINE_DEDUP)
     if spec.contamination.eval_sets:
         steps.append(OP_CONTAMINATION)
     if spec.scores is not None:
@@ -180,7 +180,7 @@ def _fuzzy_dedup(rows: Dataset, spec: CurateSpec, stats: dict[str, Any]) -> Data
 
     keys = collect(rows, band_keys, spec=spec.dedup)
     decision = fuzzy_clusters(keys, spec.dedup)
-    stats["fuzzy_dedup"] = getattr(decision, "summary", lambda: {})()
+    stats["fuzzy_dedup"] = decision.summary()
     return arrow_map(rows, mark_fuzzy_duplicates, decision=decision).materialize()
 
 
@@ -236,13 +236,15 @@ def _mods(rows: Dataset, spec: CurateSpec, model_ref: str, seed: int, stats: dic
     assert ms is not None
     cpus = spec.scores.actor_cpus if spec.scores else 0.5
     kept, others = _split_kept(rows)
+    scorer = resolve_model(ms.scorer)  # on the driver: the lab's scorer is built once, before any actor starts
     # 1. quality (actor pool) -> drop low quality; 2. embed the instructions (actor pool)
-    scored = actor_map(kept, M.QualityScorer, actors=1, cpus=cpus, batch_size=64, scorer_ref=ms.scorer)
+    scored = actor_map(kept, M.QualityScorer, actors=1, cpus=cpus, batch_size=64, scorer_ref=scorer, threads=1)
     scored = arrow_map(scored, M.mark_low_quality, threshold=ms.quality_threshold)
     embedded = actor_map(scored, M.Embedder, actors=1, cpus=cpus, batch_size=64,
-                         kind=ms.embedder, model_ref=model_ref).materialize()
+                         kind=ms.embedder, model_ref=model_ref, threads=1).materialize()
     # 3. coverage (K-center) and necessity on the driver; 4. apply the selection per batch
-    decision = M.mods_resolve(collect(embedded, M.mods_collect), ms, base_model_ref=model_ref, seed=seed)
+    decision = M.mods_resolve(collect(embedded, M.mods_collect), ms.model_copy(update={"scorer": scorer}),
+                              base_model_ref=model_ref, seed=seed)
     stats["mods"] = decision.summary
     selected = arrow_map(arrow_map(embedded, M.mark_mods, decision=decision), M.drop_transient_columns)
     return selected.union(others).materialize()
@@ -277,12 +279,12 @@ def _curate_rows(files: list[dict[str, Any]], spec: CurateSpec, ctx: StageContex
     if OP_EXACT_DEDUP in steps:
         with progress.step("exact dedup"):
             rows = _exact_dedup(rows)
-    if OP_LINE_DEDUP in steps:
-        with progress.step("line dedup"):
-            rows = _line_dedup(rows, spec)
     if OP_FUZZY_DEDUP in steps:
         with progress.step("fuzzy dedup"):
             rows = _fuzzy_dedup(rows, spec, stats)
+    if OP_LINE_DEDUP in steps:
+        with progress.step("line dedup"):
+            rows = _line_dedup(rows, spec)
     if OP_CONTAMINATION in steps:
         with progress.step("contamination"):
             rows = _contamination(rows, spec, stats)

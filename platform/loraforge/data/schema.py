@@ -16,12 +16,13 @@ STATUSES = (KEPT, DROPPED, MERGED)
 # Row kinds: an SFT conversation, a preference pair (messages end with the chosen answer, `rejected`
 # holds the other answer) or a plain text document (one assistant message holding the text).
 KIND_CHAT, KIND_PREFERENCE, KIND_TEXT = "chat", "preference", "text"
-# Ops in pipeline order; each marks rows with its own name in the ledger's `op` column.
+# Ops in pipeline order; each marks rows with its own name in the ledger's `op` column. Whole-row dedup
+# (exact, then fuzzy) runs before line dedup, so cutting shared lines cannot hide a near-duplicate row.
 OP_PARSE, OP_FILTER, OP_PII = "parse", "filter", "pii"
 OP_EXACT_DEDUP, OP_LINE_DEDUP, OP_FUZZY_DEDUP = "exact_dedup", "line_dedup", "fuzzy_dedup"
 OP_CONTAMINATION, OP_SCORES, OP_MODS, OP_MIXTURE = "contamination", "scores", "mods", "mixture"
 OPS = (
-    OP_PARSE, OP_FILTER, OP_PII, OP_EXACT_DEDUP, OP_LINE_DEDUP, OP_FUZZY_DEDUP,
+    OP_PARSE, OP_FILTER, OP_PII, OP_EXACT_DEDUP, OP_FUZZY_DEDUP, OP_LINE_DEDUP,
     OP_CONTAMINATION, OP_SCORES, OP_MODS, OP_MIXTURE,
 )
 EMPTY, TOO_SHORT, TOO_LONG, DUPLICATE = "empty", "too_short", "too_long", "duplicate"
