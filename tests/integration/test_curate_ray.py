@@ -13,9 +13,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from loraforge.context import StageContext
+from loraforge.data.filters import length_only as filters_only
 from loraforge.data.io import read_conversations
 from loraforge.data.pipeline import run_curate
-from loraforge.data.filters import length_only as filters_only
 from loraforge.data.schema import LEDGER_SCHEMA, MESSAGES_TYPE, OUTPUT_SCHEMA
 from loraforge.errors import DataError
 from loraforge.paths import PROJECT_ROOT, shared_data_dir
