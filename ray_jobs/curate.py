@@ -25,12 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ray
 
+        from loraforge.cli import setup_progress_logging
         from loraforge.context import StageContext
         from loraforge.data.pipeline import run_curate
         from loraforge.paths import runs_dir
         from loraforge.spec import CurateSpec, PipelineSpec, load_spec
 
+        setup_progress_logging()
         spec = load_spec(args.spec)
+        model = spec.model if isinstance(spec, PipelineSpec) else "lab"  # scores/MoDS default model
         if isinstance(spec, PipelineSpec):
             spec = spec.stage("curate")
         if not isinstance(spec, CurateSpec):
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ray.is_initialized():
             ray.init()  # honours RAY_ADDRESS
         run_dir = runs_dir() / time.strftime("curate-%Y%m%d-%H%M%S")
-        result = run_curate(spec, StageContext(run_dir=run_dir, model="lab", run=None))
+        result = run_curate(spec, StageContext(run_dir=run_dir, model=model, model_ref=model, run=None))
     except LoraforgeError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

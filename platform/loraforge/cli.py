@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import sys
 import time
@@ -284,7 +285,19 @@ def lab_build(force: Annotated[bool, typer.Option("--force", help="rebuild even 
     out.print(json.dumps(report, indent=2, default=str))
 
 
+def setup_progress_logging() -> None:
+    """Stage progress (`loraforge.*` INFO lines: curate steps, rows left, timings) on stderr."""
+    logger = logging.getLogger("loraforge")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(os.environ.get("LORAFORGE_LOG_LEVEL", "INFO"))
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
+    setup_progress_logging()
     try:
         app(args=argv, prog_name="loraforge")  # click handles usage errors itself (exit 2)
     except LoraforgeError as e:

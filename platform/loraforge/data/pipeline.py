@@ -37,7 +37,7 @@ from loraforge.data.manifest_stats import kept_stats
 from loraforge.data.ops import add_content_hash, check_input_file, mark_duplicates, parse_lines, read_lines, with_status
 from loraforge.data.output import check_output_free, staged_output
 from loraforge.data.plots import save_funnel_plot
-from loraforge.data.ray_steps import StepLog, actor_map, arrow_map, collect, data_context
+from loraforge.data.ray_steps import StepLog, actor_map, arrow_map, collect, data_context, selectable
 from loraforge.data.schema import (
     KEPT,
     OP_CONTAMINATION,
@@ -154,6 +154,15 @@ def _split_kept(rows: Dataset) -> tuple[Dataset, Dataset]:
     return arrow_map(rows, with_status, status=KEPT), arrow_map(rows, with_status, status=KEPT, keep=False)
 
 
+def _split_selectable(rows: Dataset) -> tuple[Dataset, Dataset]:
+    """(kept non-rehearsal rows, everything else): model ops only spend time on rows they may select.
+
+    Replay rows are sized by the mixture step, never scored or selected, so a large general corpus
+    does not pass through the scoring models.
+    """
+    return arrow_map(rows, selectable), arrow_map(rows, selectable, keep=False)
+
+
 # ---------------------------------------------------------------- the steps
 def _exact_dedup(rows: Dataset) -> Dataset:
     rows = arrow_map(rows, add_content_hash).materialize()
@@ -204,7 +213,7 @@ def _scores(rows: Dataset, spec: CurateSpec, model_ref: str, stats: dict[str, An
 
     sc = spec.scores
     assert sc is not None
-    kept, others = _split_kept(rows)
+    kept, others = _split_selectable(rows)
     # Ray's batch_size is rows per actor call; sc.batch_size is rows per forward pass inside it.
     scored = actor_map(
         kept, S.ScoreRows, actors=sc.actors, cpus=sc.actor_cpus, batch_size=max(64, 4 * sc.batch_size),
@@ -235,7 +244,7 @@ def _mods(rows: Dataset, spec: CurateSpec, model_ref: str, seed: int, stats: dic
     ms = spec.mods
     assert ms is not None
     cpus = spec.scores.actor_cpus if spec.scores else 0.5
-    kept, others = _split_kept(rows)
+    kept, others = _split_selectable(rows)
     scorer = resolve_model(ms.scorer)  # on the driver: the lab's scorer is built once, before any actor starts
     # 1. quality (actor pool) -> drop low quality; 2. embed the instructions (actor pool)
     scored = actor_map(kept, M.QualityScorer, actors=1, cpus=cpus, batch_size=64, scorer_ref=scorer, threads=1)

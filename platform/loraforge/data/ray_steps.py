@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 from ray.data.context import ShuffleStrategy
@@ -72,6 +73,16 @@ def collect(ds: Dataset, fn: Callable[..., pa.Table] | None = None, **kwargs: An
 
 def kept_only(table: pa.Table) -> pa.Table:
     return with_status(table, KEPT)
+
+
+def _selectable_mask(table: pa.Table) -> pa.ChunkedArray:
+    return pc.and_(pc.equal(table.column("status"), KEPT), pc.invert(pc.fill_null(table.column("rehearsal"), False)))
+
+
+def selectable(table: pa.Table, keep: bool = True) -> pa.Table:
+    """Kept rows that selection may drop (keep=True: not rehearsal replay), or all the others (keep=False)."""
+    mask = _selectable_mask(table)
+    return table.filter(mask if keep else pc.invert(mask))
 
 
 class StepLog:
