@@ -143,6 +143,9 @@ def _train_spec(spec: PipelineSpec, state: dict[str, Any]) -> TrainSpec:
         updates["data"] = state["data"]
     if train.seed == 0 and spec.seed:
         updates["seed"] = spec.seed
+    curate = spec.stage("curate")
+    if curate is not None and curate.mixture.curriculum is not None and "data_order" not in train.model_fields_set:
+        updates["data_order"] = "as_written"  # a curated curriculum is trained in its order unless told otherwise
     if "best" in state:
         best = state["best"]
         updates["learning_rate"] = best["learning_rate"]
