@@ -85,7 +85,6 @@ def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
 
 def test_a_curated_curriculum_is_trained_in_order_unless_the_job_says_otherwise():
     from loraforge.pipeline import _train_spec
-    from loraforge.spec import PipelineSpec
 
     def pipeline(train: dict) -> PipelineSpec:
         return PipelineSpec.model_validate({"name": "p", "stages": [
@@ -97,15 +96,10 @@ def test_a_curated_curriculum_is_trained_in_order_unless_the_job_says_otherwise(
 
 
 def test_token_cleaning_requires_train_to_share_the_scoring_tokenisation():
-    import pytest as _pytest
-
-    from loraforge.errors import SpecError
-    from loraforge.spec import parse_spec
-
     curate = {"kind": "curate", "inputs": [{"path": "x.jsonl"}],
               "scores": {"max_seq_len": 128, "token_cleaning": {"reference_model": "ref"}}}
-    with _pytest.raises(SpecError, match="max_seq_len"):
+    with pytest.raises(SpecError, match="max_seq_len"):
         parse_spec({"name": "p", "stages": [curate, {"kind": "train", "max_seq_len": 256}]})
-    with _pytest.raises(SpecError, match="same model"):
+    with pytest.raises(SpecError, match="same model"):
         parse_spec({"name": "p", "stages": [curate, {"kind": "train", "max_seq_len": 128, "model": "other"}]})
     parse_spec({"name": "p", "stages": [curate, {"kind": "train", "max_seq_len": 128}]})
