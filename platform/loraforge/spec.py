@@ -170,10 +170,68 @@ class CurateSpec(_Strict):
 
 # ---------------------------------------------------------------- train
 class LoraSpec(_Strict):
-    r: int = Field(default=8, ge=1, le=1024)
-    alpha: float = Field(default=16.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Rank, scale and targets shared by every LoRA-family method (all but `full`)."""
+
+    r: int = Field(default=8, ge=1, le=1024, description="rank of the low-rank update B A")
+    alpha: float = Field(
+        default=16.0, gt=0, description="the update is scaled by alpha / r (rslora: alpha / sqrt(r))"
+    )
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default="all-linear",
+        description="module names (suffixes) to adapt; all-linear: every linear layer of attention and MLP, "
+        "not the output head",
+    )
+
+
+METHODS = ("lora", "rslora", "dora", "pissa", "lora_ga", "qlora", "ir_qlora", "full")
+# Per-method sections of TrainSpec and the methods that read them.
+METHOD_SECTIONS: dict[str, tuple[str, ...]] = {
+    "lora_ga": ("lora_ga",), "pissa": ("pissa",), "quant": ("qlora", "ir_qlora"), "ir_qlora": ("ir_qlora",),
+}
+
+
+class LoraGaSpec(_Strict):
+    """LoRA-GA (Wang et al. 2024): A and B from the SVD of the averaged full-weight gradient."""
+
+    grad_batches: int = Field(
+        default=8, ge=1, description="global train batches whose full-weight gradient is averaged (over all workers)"
+    )
+    stable_gamma: float = Field(
+        default=16.0, gt=0, description="A and B are both scaled by d_out^(1/4) / sqrt(stable_gamma) (paper 3.3)"
+    )
+    direction: Literal["ArB2r", "A2rBr", "ArBr"] = Field(
+        default="ArB2r", description="which singular vectors go to A and B (official default ArB2r)"
+    )
+    scale: Literal["stable", "unit", "gd"] = Field(default="stable", description="the official scale options")
+    svd: Literal["exact", "lowrank"] = Field(
+        default="exact", description="exact: full SVD; lowrank: torch.svd_lowrank as the official code (faster)"
+    )
+
+
+class PissaSpec(_Strict):
+    """PiSSA: A and B from the top-r singular vectors of W0; the residual stays as the frozen base."""
+
+    niter: int | None = Field(
+        default=None, ge=1, description="null: exact SVD; k: randomised SVD with k subspace iterations (faster)"
+    )
+
+
+class QuantSpec(_Strict):
+    """4-bit NF4 base for qlora (bitsandbytes) and ir_qlora (ICQ, ours)."""
+
+    blocksize: Literal[64, 128, 256] = Field(default=64, description="values per NF4 block (one absmax each)")
+    double_quant: bool = Field(
+        default=True, description="quantise the block absmax constants to 8 bits (blocks of 256), as QLoRA does"
+    )
+
+
+class IrQloraSpec(_Strict):
+    """IR-QLoRA (Qin et al. 2024): ICQ calibration search and IEC elastic connections."""
+
+    tau_lambda: float = Field(default=0.1, ge=0, description="ICQ searches tau0 +- tau_lambda * sigma * absmax")
+    tau_n: int = Field(default=100, ge=0, le=1000, description="ICQ tries 2 * tau_n + 1 shifts per block")
+    quantize_tau: bool = Field(default=True, description="store each block's tau in 8 bits (official)")
 
 
 class DebugSpec(_Strict):
@@ -186,8 +244,16 @@ class TrainSpec(_Strict):
     kind: Literal["train"] = "train"
     model: str | None = Field(default=None, description="HF id or local folder; default: pipeline model")
     data: str | None = Field(default=None, description="Parquet folder or JSONL; default: curate output")
-    method: Literal["lora"] = "lora"
+    method: Literal["lora", "rslora", "dora", "pissa", "lora_ga", "qlora", "ir_qlora", "full"] = Field(
+        default="lora",
+        description="lora, rslora (alpha/sqrt(r)), dora (magnitude + direction), pissa (principal singular "
+        "init), lora_ga (gradient-SVD init), qlora (NF4 base), ir_qlora (ICQ base + IEC), full (all weights)",
+    )
     lora: LoraSpec = LoraSpec()
+    lora_ga: LoraGaSpec = LoraGaSpec()
+    pissa: PissaSpec = PissaSpec()
+    quant: QuantSpec = QuantSpec()
+    ir_qlora: IrQloraSpec = IrQloraSpec()
     objective: Literal["sft"] = "sft"
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     zero_stage: Literal[2, 3] = 2
@@ -208,6 +274,16 @@ class TrainSpec(_Strict):
     )
     output: str | None = None
     debug: DebugSpec = DebugSpec()
+
+    @model_validator(mode="after")
+    def _method_settings_apply(self) -> TrainSpec:
+        # A changed section the chosen method never reads is most likely a mistake (a dumped spec with the
+        # defaults, as the train workers receive it, passes).
+        stray = [k for k, methods in METHOD_SECTIONS.items()
+                 if self.method not in methods and getattr(self, k) != type(getattr(self, k))()]
+        if stray:
+            raise ValueError(f"settings {stray} do not apply to method {self.method!r}")
+        return self
 
 
 # ---------------------------------------------------------------- tune

@@ -1,6 +1,7 @@
 """The per-worker train loop that Ray Train's TorchTrainer runs on every worker.
 
-Reads top to bottom: restore-or-start, then step / log / checkpoint, then save the adapter.
+Reads top to bottom: build the method's model (lora_ga first estimates the gradient over the train data,
+across workers), restore-or-start, then step / log / checkpoint, then save the adapter folder.
 `config` (built by trainer.build_trainer) carries plain data only:
   spec        TrainSpec as a dict
   model_path  resolved base model folder or hub id
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from loraforge.adapters import build_adapter, save_adapter
+from loraforge.adapters import BuildSetup, build_adapter, get_method, save_tuned, sum_over_workers
 from loraforge.resolve import load_model, load_tokenizer
 from loraforge.spec import TrainSpec
 from loraforge.tracking import RunRef
@@ -184,6 +185,24 @@ def _record_attempt(storage_dir: Path) -> int:
     return len(log.read_text().splitlines())
 
 
+def _build_setup(spec: TrainSpec, examples: list, pad_id: int, loss_fn: Any, rank: int,
+                 world_size: int) -> BuildSetup | None:
+    """For methods whose init reads data (lora_ga): this rank's share of the first global train batches, the
+    training loss normalised by the global batch (so summing over ranks gives the global mean), and a SUM
+    all-reduce over workers."""
+    if not get_method(spec.method).needs_data:
+        return None
+    batches = iter_batches(
+        examples, global_batch_size=spec.batch_size, world_rank=rank, world_size=world_size,
+        seed=spec.seed, pad_id=pad_id, start_step=0, data_order=spec.data_order,
+    )
+    return BuildSetup(
+        batches=batches,
+        loss_fn=lambda model, batch: loss_fn(model, _with_global_denominator(batch, world_size)),
+        reduce=sum_over_workers,
+    )
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
 
@@ -210,9 +229,10 @@ def _train(spec: TrainSpec, config: dict[str, Any], rank: int, world_size: int) 
     rows = read_training_rows(config["data_path"])  # curate's curriculum order; optional loss weights
     examples, skipped = tokenize_all(tokenizer, rows, spec.max_seq_len)
     per_worker = per_worker_batch_size(spec.batch_size, world_size)
-    model = build_adapter(load_model(config["model_path"], dtype=torch.float32), spec)
-    strategy = make_strategy(model, spec, per_worker)
     loss_fn = OBJECTIVES[spec.objective]
+    setup = _build_setup(spec, examples, tokenizer.pad_token_id, loss_fn, rank, world_size)
+    model = build_adapter(load_model(config["model_path"], dtype=torch.float32), spec, setup)
+    strategy = make_strategy(model, spec, per_worker)
 
     _seed_all(spec.seed + 1000 * rank)  # dropout differs per rank, reproducibly; a checkpoint's RNG wins
     done, losses = _restore(strategy, rank)
@@ -247,7 +267,8 @@ def _train(spec: TrainSpec, config: dict[str, Any], rank: int, world_size: int) 
                 ckpt_dir = Path(tmp)
                 _save_checkpoint(ckpt_dir, strategy, rank, n, losses, world_size)
                 if n == spec.max_steps and rank == 0:
-                    save_adapter(strategy.peft_model, ckpt_dir / ADAPTER_SUBDIR, final_state)
+                    save_tuned(strategy.peft_model, spec.method, ckpt_dir / ADAPTER_SUBDIR, final_state,
+                               config["model_path"])
                 metrics_out.flush()
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         elif n % spec.log_every == 0:
@@ -260,6 +281,6 @@ def _train(spec: TrainSpec, config: dict[str, Any], rank: int, world_size: int) 
     if not have_final_state:  # restored from the final checkpoint (a crash while saving the adapter)
         final_state = strategy.adapter_state()
     if rank == 0:
-        save_adapter(strategy.peft_model, output, final_state)
+        save_tuned(strategy.peft_model, spec.method, output, final_state, config["model_path"])
     metrics_out.flush()
     return {"steps": len(losses), "losses": losses, "attempt": attempt}

@@ -1,9 +1,10 @@
 """Data-parallel strategies on CPU over gloo: ddp, fsdp (FSDP2) and deepspeed (ZeRO-2/3).
 
-Each wraps the PEFT model, owns its optimizer, and knows how to take a step, save and restore a
-checkpoint folder, and gather the adapter's full state for saving. `save` and `load` are called on
-every rank with that rank's own folder: Ray merges the ranks' folders into one checkpoint, so file
-names must not collide across ranks (each library's per-rank names already don't).
+Each wraps the model to train (a PEFT model; the whole model for `full`), owns its optimizer, and knows
+how to take a step, save and restore a checkpoint folder, and gather the trainable state for saving.
+`save` and `load` are called on every rank with that rank's own folder: Ray merges the ranks' folders
+into one checkpoint, so file names must not collide across ranks (each library's per-rank names already
+don't).
 Only trainable parameters are checkpointed; the frozen base is reloaded from the model folder.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from loraforge.adapters.lora import unwrap
+from loraforge.adapters.registry_core import unwrap
 from loraforge.spec import TrainSpec
 
 MAX_GRAD_NORM = 1.0
@@ -99,7 +100,9 @@ class FsdpStrategy(Strategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        layer_types = set(getattr(unwrap(model).get_base_model(), "_no_split_modules", None) or [])
+        inner = unwrap(model)
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # full: no PEFT wrapper
+        layer_types = set(getattr(inner, "_no_split_modules", None) or [])
         layers = [m for m in model.modules() if type(m).__name__ in layer_types]
         if not layers:
             raise ValueError(f"fsdp: found no decoder layers ({sorted(layer_types)}) to shard in the model")
