@@ -177,3 +177,19 @@ def test_fsdp_saves_the_same_folder_as_ddp(method, lab, tmp_path):
     a, b = (load_file(str(folders[s] / "adapter_model.safetensors")) for s in ("ddp", "fsdp"))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_evaluate_scores_the_trained_quantised_model_not_the_adapter_on_the_fp32_base(lab, model_dir, batches,
+                                                                                       tmp_path):
+    from loraforge.evaluate.metrics import perplexity
+    from loraforge.evaluate.runner import evaluate_adapter
+    from loraforge.resolve import load_tokenizer
+
+    folder = save_tuned(_trained("qlora", model_dir, batches), "qlora", tmp_path / "q", None, model_dir)
+    text = (lab.data_dir / "general_heldout.txt").read_text()[:3000]
+    result = evaluate_adapter({"kind": "evaluate"}, model_dir, str(folder), {}, text)
+    tok = load_tokenizer(model_dir)
+    exact = perplexity(load_tuned(model_dir, folder).eval(), tok, text, seq_len=256)
+    on_fp32 = perplexity(PeftModel.from_pretrained(_base(model_dir), str(folder)).eval(), tok, text, seq_len=256)
+    assert result["after"]["perplexity"] == pytest.approx(exact, rel=1e-6)
+    assert abs(exact - on_fp32) > 1e-4 * exact  # the two really differ, so the check above can fail

@@ -75,6 +75,11 @@ def merge_tuned(model: nn.Module, method: str) -> nn.Module:
     return merge(model)
 
 
+# Methods whose trained model has a quantised base: load_tuned rebuilds it; plain PEFT loading puts the
+# adapter on the fp32 base instead (the usual QLoRA deployment, off by the quantisation error).
+QUANTISED_METHODS = ("qlora", "ir_qlora")
+
+
 def load_tuned(base_path: str, folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The trained model from a saved folder, exactly: for qlora / ir_qlora the base is quantised again the
     way it was in training (both quantisations are deterministic) before the adapter is loaded. Plain
@@ -93,7 +98,8 @@ def load_tuned(base_path: str, folder: str | Path, dtype: torch.dtype = torch.fl
 
 
 __all__ = [
-    "ADAPTERS", "METHODS", "METHOD_FILE", "AdapterBuilder", "BuildSetup", "Method", "build_adapter", "get_method",
+    "ADAPTERS", "METHODS", "METHOD_FILE", "QUANTISED_METHODS",
+    "AdapterBuilder", "BuildSetup", "Method", "build_adapter", "get_method",
     "load_tuned", "merge_tuned", "read_method_file", "save_adapter", "save_tuned", "storage_bytes",
     "sum_over_workers", "unwrap",
 ]

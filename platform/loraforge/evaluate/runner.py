@@ -97,7 +97,13 @@ def evaluate_adapter(spec_dict: dict[str, Any], model_path: str, adapter_dir: st
     after: dict[str, float] = {}
     samples: dict[str, list[dict[str, str]]] = {}
     if adapter_dir:
-        tuned = PeftModel.from_pretrained(model, adapter_dir).eval()
+        from loraforge.adapters import QUANTISED_METHODS, load_tuned, read_method_file
+
+        if read_method_file(adapter_dir)["method"] in QUANTISED_METHODS:
+            # The model that was trained: its base quantised again exactly as in training.
+            tuned = load_tuned(model_path, adapter_dir).eval()
+        else:
+            tuned = PeftModel.from_pretrained(model, adapter_dir).eval()
         after = _score(tuned, tokenizer, tasks, text, spec, samples)
     return {"before": before, "after": after, "samples": samples}
 
