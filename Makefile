@@ -44,6 +44,7 @@ integration: venv browser
 # results and the commands that produced them are recorded in benchmarks/RESULTS.md.
 bench: venv
 	$(BIN)/python benchmarks/curate_throughput.py
+	$(BIN)/python benchmarks/methods.py
 
 clean:
 	rm -rf .loraforge .pytest_cache
