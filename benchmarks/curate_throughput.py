@@ -38,11 +38,11 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from planted_corpus import BenchRow, family_truth, throughput_corpus  # noqa: E402
+from results_md import write_section  # noqa: E402
 
 from loraforge.data.dedup import fuzzy_lsh_params  # noqa: E402
 from loraforge.spec import DedupSpec  # noqa: E402
 
-RESULTS_MD = BENCH_DIR / "RESULTS.md"
 SECTION = "## Curation throughput (curate_throughput.py)"
 
 
@@ -246,14 +246,7 @@ def update_results(command: str, result: dict, notes: list[str]) -> None:
         *[f"- {n}" for n in notes], "",
         "```json", json.dumps(result), "```", "",
     ]
-    text = RESULTS_MD.read_text(encoding="utf-8") if RESULTS_MD.exists() else "# Benchmark results\n\n"
-    start = text.find(SECTION)
-    if start >= 0:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + "\n".join(body) + (text[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(body)
-    RESULTS_MD.write_text(text, encoding="utf-8")
+    write_section(SECTION, body)
 
 
 def main(argv: list[str] | None = None) -> dict:

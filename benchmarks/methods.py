@@ -61,8 +61,8 @@ from methods_support import (  # noqa: E402
     time_steps,
     train_run,
 )
+from results_md import write_section  # noqa: E402
 
-RESULTS_MD = BENCH_DIR / "RESULTS.md"
 SECTION = "## Fine-tuning methods (methods.py)"
 ADAPTER_METHODS = ("lora", "rslora", "dora", "pissa", "lora_ga")
 ALL_METHODS = ("full", "lora", "rslora", "dora", "pissa", "lora_ga", "qlora", "ir_qlora")
@@ -342,14 +342,7 @@ def tables(conv: dict[str, Any] | None, quant: dict[str, Any] | None, tune: dict
 def update_results(command: str, lines: list[str], notes: list[str], result: dict[str, Any]) -> None:
     body = [SECTION, "", f"Command: `{command}`", "", *lines, "", *[f"- {n}" for n in notes], "", "```json",
             json.dumps(result), "```", ""]
-    text = RESULTS_MD.read_text(encoding="utf-8") if RESULTS_MD.exists() else "# Benchmark results\n\n"
-    start = text.find(SECTION)
-    if start >= 0:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + "\n".join(body) + (text[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(body)
-    RESULTS_MD.write_text(text, encoding="utf-8")
+    write_section(SECTION, body)
 
 
 def _r(x: float | None, digits: int) -> float | None:

@@ -113,7 +113,8 @@ def dequantize_base(model: nn.Module) -> nn.Module:
     return model
 
 
-def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A frozen nn.Linear holding `weight` (and `bias`): what a merged quantised layer becomes."""
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
     with torch.no_grad():
         lin.weight.copy_(weight)
@@ -136,7 +137,7 @@ def merge_qlora(model: nn.Module) -> nn.Module:
                 for adapter in module.active_adapters:
                     w += module.get_delta_weight(adapter).float()
             parent_name, _, child = name.rpartition(".")
-            setattr(inner.get_submodule(parent_name) if parent_name else inner, child, _plain_linear(w, base.bias))
+            setattr(inner.get_submodule(parent_name) if parent_name else inner, child, plain_linear(w, base.bias))
     return dequantize_base(inner)
 
 

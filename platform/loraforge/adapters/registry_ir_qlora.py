@@ -25,7 +25,7 @@ from torch import nn
 
 from loraforge.adapters.ir_qlora import ICQLinear, IECLoRALinear, icq_quantize
 from loraforge.adapters.lora import ADAPTER_WEIGHTS
-from loraforge.adapters.qlora import output_head_names
+from loraforge.adapters.qlora import output_head_names, plain_linear
 from loraforge.adapters.registry_core import BuildSetup, Method, unwrap, write_method_file
 from loraforge.spec import IrQloraSpec, QuantSpec, TrainSpec
 
@@ -123,15 +123,6 @@ def save_ir_qlora(model: nn.Module, out: Path, state_dict: dict[str, torch.Tenso
     return out
 
 
-def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-        if bias is not None:
-            lin.bias.copy_(bias)
-    return lin.requires_grad_(False)
-
-
 def merge_ir_qlora(model: nn.Module) -> nn.Module:
     """In place: each IEC layer becomes nn.Linear(dequantised W + its exact update), each bare ICQ layer
     nn.Linear(dequantised W)."""
@@ -140,9 +131,9 @@ def merge_ir_qlora(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             if isinstance(module, IECLoRALinear):
                 w = module.base.dequantized_weight().float() + module.delta_weight().float()
-                _set_module(inner, name, _plain_linear(w, module.base.bias))
+                _set_module(inner, name, plain_linear(w, module.base.bias))
             elif isinstance(module, ICQLinear):
-                _set_module(inner, name, _plain_linear(module.dequantized_weight().float(), module.bias))
+                _set_module(inner, name, plain_linear(module.dequantized_weight().float(), module.bias))
     if hasattr(inner, NOTE_ATTR):
         delattr(inner, NOTE_ATTR)
     return inner

@@ -32,10 +32,12 @@ from ray.data import Dataset, SaveMode
 from ray.data.datasource import FilenameProvider
 
 from loraforge.context import StageContext
+from loraforge.data.filters import apply_filters
 from loraforge.data.ledger import COUNT_KEYS, build_manifest, check_exact_dedup, ledger_table
 from loraforge.data.manifest_stats import kept_stats
 from loraforge.data.ops import add_content_hash, check_input_file, mark_duplicates, parse_lines, read_lines, with_status
 from loraforge.data.output import check_output_free, staged_output
+from loraforge.data.pii import redact_pii
 from loraforge.data.plots import save_funnel_plot
 from loraforge.data.ray_steps import StepLog, actor_map, arrow_map, collect, data_context, selectable
 from loraforge.data.schema import (
@@ -281,9 +283,9 @@ def _curate_rows(files: list[dict[str, Any]], spec: CurateSpec, ctx: StageContex
         rows = arrow_map(lines, parse_lines).materialize()
         rows_in = rows.count()
     with progress.step("filter" + (" + pii" if OP_PII in steps else "")):
-        rows = arrow_map(rows, _filters_op(), spec=spec.filters)
+        rows = arrow_map(rows, apply_filters, spec=spec.filters)
         if OP_PII in steps:
-            rows = arrow_map(rows, _pii_op(), spec=spec.pii)
+            rows = arrow_map(rows, redact_pii, spec=spec.pii)
         rows = rows.materialize()
     if OP_EXACT_DEDUP in steps:
         with progress.step("exact dedup"):
@@ -307,18 +309,6 @@ def _curate_rows(files: list[dict[str, Any]], spec: CurateSpec, ctx: StageContex
         rows = _mixture(rows, spec, ctx.seed, stats)
     stats["timings_s"] = progress.timings
     return rows, rows_in
-
-
-def _filters_op() -> Any:
-    from loraforge.data.filters import apply_filters
-
-    return apply_filters
-
-
-def _pii_op() -> Any:
-    from loraforge.data.pii import redact_pii
-
-    return redact_pii
 
 
 def _write_kept(rows: Dataset, data_dir: Path, n_kept: int) -> None:

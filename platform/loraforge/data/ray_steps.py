@@ -16,7 +16,6 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 from ray.data.context import ShuffleStrategy
 
-from loraforge.data.ops import with_status
 from loraforge.data.schema import KEPT
 
 log = logging.getLogger("loraforge.curate")
@@ -71,10 +70,6 @@ def collect(ds: Dataset, fn: Callable[..., pa.Table] | None = None, **kwargs: An
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def kept_only(table: pa.Table) -> pa.Table:
-    return with_status(table, KEPT)
-
-
 def _selectable_mask(table: pa.Table) -> pa.ChunkedArray:
     return pc.and_(pc.equal(table.column("status"), KEPT), pc.invert(pc.fill_null(table.column("rehearsal"), False)))
 
@@ -86,12 +81,11 @@ def selectable(table: pa.Table, keep: bool = True) -> pa.Table:
 
 
 class StepLog:
-    """Progress on long work: one log line per op with the rows still kept and the time it took."""
+    """Progress on long work: a log line when each op starts and one with the time it took."""
 
     def __init__(self, total_steps: int):
         self.total = total_steps
         self.done = 0
-        self.started = time.time()
         self.timings: dict[str, float] = {}
 
     @contextmanager
@@ -102,12 +96,3 @@ class StepLog:
         yield
         self.timings[name] = round(time.time() - t0, 3)
         log.info("curate [%d/%d] %s done in %.1f s", self.done, self.total, name, self.timings[name])
-
-    def kept(self, name: str, ds: Dataset) -> int:
-        n = kept_count(ds)
-        log.info("curate: %d rows kept after %s (%.0f s so far)", n, name, time.time() - self.started)
-        return n
-
-
-def kept_count(ds: Dataset) -> int:
-    return int(sum(t.num_rows for t in ray.get(arrow_map(ds.select_columns(["status"]), kept_only).to_arrow_refs())))
