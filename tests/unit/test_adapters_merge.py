@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from method_batches import fp32_base, task_batches
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
@@ -18,7 +19,6 @@ from loraforge.adapters.ir_qlora import ICQLinear, IECLoRALinear
 from loraforge.adapters.lora_ga import default_loss
 from loraforge.context import StageContext
 from loraforge.spec import METHODS, TrainSpec
-from loraforge.train.sft_data import collate, read_training_conversations, tokenize_conversation
 from loraforge.train.trainer import run_train
 
 R, ALPHA = 4, 8.0
@@ -38,18 +38,7 @@ def model_dir(lab) -> str:
 
 @pytest.fixture(scope="module")
 def batches(lab, model_dir):
-    from loraforge.resolve import load_tokenizer
-
-    tok = load_tokenizer(model_dir)
-    convs = read_training_conversations(f"lab://tasks/{sorted(lab.tasks)[-1]}_train.jsonl")[:8]
-    rows = [tokenize_conversation(tok, c, 64) for c in convs]
-    return [collate(rows[i : i + 4], pad_id=tok.pad_token_id) for i in (0, 4)]
-
-
-def _base(model_dir: str):
-    from loraforge.resolve import load_model
-
-    return load_model(model_dir, dtype=torch.float32).eval()
+    return task_batches(model_dir, sorted(lab.tasks)[-1])
 
 
 def _spec(method: str) -> TrainSpec:
@@ -61,7 +50,7 @@ def _trained(method: str, model_dir: str, batches):
     """The method's model with every trainable parameter moved away from its initial value."""
     torch.manual_seed(0)
     setup = BuildSetup(batches=iter(batches), loss_fn=default_loss) if method == "lora_ga" else None
-    model = build_adapter(_base(model_dir), _spec(method), setup).eval()
+    model = build_adapter(fp32_base(model_dir), _spec(method), setup).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -82,7 +71,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 2e-5) -> bool:
 def test_merged_model_logits_equal_the_adapter_model_logits(method, model_dir, batches):
     model = _trained(method, model_dir, batches)
     trained = _logits(model, batches[0])
-    assert not _close(trained, _logits(_base(model_dir), batches[0]), 1e-3)  # the perturbation matters
+    assert not _close(trained, _logits(fp32_base(model_dir), batches[0]), 1e-3)  # the perturbation matters
     merged = merge_tuned(copy.deepcopy(model), method)
     assert not isinstance(merged, PeftModel)
     leftovers = [n for n, m in merged.named_modules() if isinstance(m, LoraLayer | IECLoRALinear | ICQLinear)
@@ -102,10 +91,10 @@ def test_saved_folder_reloads_the_trained_model(method, model_dir, batches, tmp_
     exact = load_tuned(model_dir, folder).eval()
     assert _close(_logits(exact, batches[1]), trained), method
     # What evaluate and serve do: the adapter on the original fp32 base.
-    plain = _logits(PeftModel.from_pretrained(_base(model_dir), str(folder)).eval(), batches[1])
+    plain = _logits(PeftModel.from_pretrained(fp32_base(model_dir), str(folder)).eval(), batches[1])
     if method in QUANTISED:  # the usual QLoRA deployment: off by about the base's quantisation error
         with exact.disable_adapter():
-            quant_error = float((_logits(exact, batches[1]) - _logits(_base(model_dir), batches[1])).abs().max())
+            quant_error = float((_logits(exact, batches[1]) - _logits(fp32_base(model_dir), batches[1])).abs().max())
         print(f"{method}: adapter on fp32 base vs trained {float((plain - trained).abs().max()):.3f}, "
               f"quantised vs fp32 base {quant_error:.3f}")
         assert not _close(plain, trained, 1e-4)
@@ -122,7 +111,7 @@ def test_offset_conversion_equals_peft_path_initial_model_conversion(method, mod
     Both must give the same rank-2r tensors and scaling."""
     torch.manual_seed(0)
     setup = BuildSetup(batches=iter(batches), loss_fn=default_loss) if method == "lora_ga" else None
-    model = build_adapter(_base(model_dir), _spec(method), setup)
+    model = build_adapter(fp32_base(model_dir), _spec(method), setup)
     config = model.peft_config["default"]
     init_weights, config.init_lora_weights = config.init_lora_weights, True  # PEFT's documented recipe
     model.save_pretrained(str(tmp_path / "initial"))
@@ -190,6 +179,6 @@ def test_evaluate_scores_the_trained_quantised_model_not_the_adapter_on_the_fp32
     result = evaluate_adapter({"kind": "evaluate"}, model_dir, str(folder), {}, text)
     tok = load_tokenizer(model_dir)
     exact = perplexity(load_tuned(model_dir, folder).eval(), tok, text, seq_len=256)
-    on_fp32 = perplexity(PeftModel.from_pretrained(_base(model_dir), str(folder)).eval(), tok, text, seq_len=256)
+    on_fp32 = perplexity(PeftModel.from_pretrained(fp32_base(model_dir), str(folder)).eval(), tok, text, seq_len=256)
     assert result["after"]["perplexity"] == pytest.approx(exact, rel=1e-6)
     assert abs(exact - on_fp32) > 1e-4 * exact  # the two really differ, so the check above can fail

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from method_batches import fp32_base, task_batches
 from pydantic import ValidationError
 
 from loraforge.adapters import ADAPTERS, METHODS, BuildSetup, build_adapter, storage_bytes
@@ -16,7 +17,6 @@ from loraforge.adapters.registry_ir_qlora import icq_dequantize_base
 from loraforge.context import StageContext
 from loraforge.spec import METHODS as METHOD_NAMES
 from loraforge.spec import TrainSpec
-from loraforge.train.sft_data import collate, read_training_conversations, tokenize_conversation
 from loraforge.train.trainer import run_train
 
 R, ALPHA = 4, 8.0
@@ -35,18 +35,7 @@ def model_dir(lab) -> str:
 
 @pytest.fixture(scope="module")
 def batches(lab, model_dir):
-    from loraforge.resolve import load_tokenizer
-
-    tok = load_tokenizer(model_dir)
-    convs = read_training_conversations(f"lab://tasks/{sorted(lab.tasks)[0]}_train.jsonl")[:8]
-    rows = [tokenize_conversation(tok, c, 64) for c in convs]
-    return [collate(rows[i : i + 4], pad_id=tok.pad_token_id) for i in (0, 4)]
-
-
-def _base(model_dir: str):
-    from loraforge.resolve import load_model
-
-    return load_model(model_dir, dtype=torch.float32).eval()
+    return task_batches(model_dir, sorted(lab.tasks)[0])
 
 
 def _spec(method: str, **kw) -> TrainSpec:
@@ -57,7 +46,7 @@ def _spec(method: str, **kw) -> TrainSpec:
 def _build(method: str, model_dir: str, batches, **kw):
     torch.manual_seed(0)
     setup = BuildSetup(batches=iter(batches), loss_fn=default_loss) if method == "lora_ga" else None
-    return build_adapter(_base(model_dir), _spec(method, **kw), setup).eval()
+    return build_adapter(fp32_base(model_dir), _spec(method, **kw), setup).eval()
 
 
 def _logits(model, batch) -> torch.Tensor:
@@ -67,7 +56,7 @@ def _logits(model, batch) -> torch.Tensor:
 
 def _quantised_reference(method: str, model_dir: str):
     """What a quantised method must equal at init: its base with the weights it actually computes with."""
-    base = _base(model_dir)
+    base = fp32_base(model_dir)
     if method == "ir_qlora":
         names = [n for n, m in base.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"]
         icq_dequantize_base(base, {"quant": {}, "ir_qlora": FAST_ICQ, "quantized_modules": names})
@@ -109,7 +98,7 @@ def test_output_at_init_equals_the_base_model(method, model_dir, batches):
     tol = {"pissa": 2e-5, "lora_ga": 2e-5, "ir_qlora": 2e-5}.get(method, 1e-6)  # offset / dequantised bases
     assert torch.allclose(after, before, atol=tol * scale, rtol=0), float((after - before).abs().max())
     if method in ("qlora", "ir_qlora"):  # and the quantised base is not the fp32 model
-        assert not torch.allclose(after, _logits(_base(model_dir), batches[0]), atol=1e-3 * scale)
+        assert not torch.allclose(after, _logits(fp32_base(model_dir), batches[0]), atol=1e-3 * scale)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if method == "full":
         assert len(trainable) == len(list(model.parameters()))
@@ -121,7 +110,8 @@ def test_output_at_init_equals_the_base_model(method, model_dir, batches):
 def _measured_scale(model_dir: str, method: str, r: int) -> float:
     """Fit s in layer(x) - W0 x = s B A x on one q_proj with random A, B: the scale the layer applies."""
     torch.manual_seed(r)
-    model = build_adapter(_base(model_dir), _spec(method, lora={"r": r, "alpha": ALPHA, "target_modules": ["q_proj"]}))
+    spec = _spec(method, lora={"r": r, "alpha": ALPHA, "target_modules": ["q_proj"]})
+    model = build_adapter(fp32_base(model_dir), spec)
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     a, b = torch.randn_like(layer.lora_A["default"].weight), torch.randn_like(layer.lora_B["default"].weight)
     with torch.no_grad():
@@ -191,7 +181,7 @@ def test_dora_gradients_treat_the_norm_as_a_constant(model_dir, batches):
 
 # ---------------------------------------------------------------- PiSSA
 def test_pissa_adapter_holds_the_top_r_singular_components(model_dir, batches):
-    original = _base(model_dir)
+    original = fp32_base(model_dir)
     model = _build("pissa", model_dir, batches)
     layer = model.get_base_model().model.layers[2].self_attn.o_proj
     w0 = original.model.layers[2].self_attn.o_proj.weight.detach().double()
@@ -208,7 +198,7 @@ def test_qlora_base_is_nf4_double_quantised_and_under_a_third_of_fp32(model_dir,
     import bitsandbytes as bnb
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-    fp32_bytes = storage_bytes(_base(model_dir))
+    fp32_bytes = storage_bytes(fp32_base(model_dir))
     model = _build("qlora", model_dir, batches)
     quantised = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantised) == 4 * 7  # every linear layer but the tied output head
@@ -253,7 +243,7 @@ def test_ir_qlora_adapts_the_targets_and_quantises_every_linear(model_dir, batch
 
 def test_lora_ga_without_batches_is_a_clear_error(model_dir):
     with pytest.raises(ValueError, match="lora_ga needs training batches"):
-        build_adapter(_base(model_dir), _spec("lora_ga"))
+        build_adapter(fp32_base(model_dir), _spec("lora_ga"))
 
 
 # ---------------------------------------------------------------- a few steps of the real train loop

@@ -1,0 +1,23 @@
+"""Shared by the adapter-method tests: the lab model in fp32 and two small batches of one lab task."""
+
+from __future__ import annotations
+
+import torch
+
+from loraforge.train.sft_data import collate, read_training_conversations, tokenize_conversation
+
+
+def fp32_base(model_dir: str):
+    from loraforge.resolve import load_model
+
+    return load_model(model_dir, dtype=torch.float32).eval()
+
+
+def task_batches(model_dir: str, task: str) -> list[dict[str, torch.Tensor]]:
+    """Two batches of 4 rows of `task`'s training file, at most 64 tokens each."""
+    from loraforge.resolve import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    convs = read_training_conversations(f"lab://tasks/{task}_train.jsonl")[:8]
+    rows = [tokenize_conversation(tok, c, 64) for c in convs]
+    return [collate(rows[i : i + 4], pad_id=tok.pad_token_id) for i in (0, 4)]
