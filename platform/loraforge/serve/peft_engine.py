@@ -1,96 +1,21 @@
-"""A replica's model server: one base model plus named LoRA adapters, plain torch + PEFT, no Ray.
-
-Requests run one at a time: the active adapter is switched per request under a lock (or all
-adapters are disabled for the base model). That is correct and simple; batching requests across
-adapters is a later engine's job, behind the same `complete` / `models` interface.
-"""
+"""The one-request-at-a-time PEFT engine: base model + named adapters, the active adapter switched per
+request under a lock. It is the reference the batching engine is checked against ("PEFT switching")."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from loraforge.errors import LoraforgeError, ModelError
+from loraforge.errors import ModelError
 from loraforge.resolve import load_model, load_tokenizer
-
-BASE_ALIAS = "base"  # always accepted for the base model, whatever its served name
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PICKLED_ADAPTER_WEIGHTS = "adapter_model.bin"
-
-FinishReason = Literal["stop", "length"]
-
-
-# ---------------------------------------------------------------- request errors
-class RequestError(LoraforgeError):
-    """A request the engine refuses; `status`, `type`, `param` and `code` map onto OpenAI's error body."""
-
-    status = 400
-    type = "invalid_request_error"
-    code: str | None = None
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-class UnknownModelError(RequestError):
-    status = 404
-    code = "model_not_found"
-
-    def __init__(self, name: str, served: list[str]):
-        super().__init__(f"The model '{name}' does not exist. Served models: {', '.join(served)}", "model")
-        self.name = name
-
-
-class ContextLengthError(RequestError):
-    code = "context_length_exceeded"
-
-
-class InvalidParameterError(RequestError):
-    code = "invalid_value"
-
-
-# ---------------------------------------------------------------- adapters on disk
-def check_adapter_dir(path: str | Path) -> Path:
-    """A PEFT adapter folder with safetensors weights; pickled (.bin) weights are refused, not loaded."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ModelError(f"adapter folder not found: {path}")
-    if not (folder / ADAPTER_CONFIG).is_file():
-        raise ModelError(f"adapter folder {path} has no {ADAPTER_CONFIG}: not a PEFT adapter")
-    if not (folder / ADAPTER_WEIGHTS).is_file():
-        if (folder / PICKLED_ADAPTER_WEIGHTS).is_file():
-            raise ModelError(
-                f"adapter {path} holds {PICKLED_ADAPTER_WEIGHTS} (pickle): only safetensors adapters are "
-                f"served, because loading a pickle can run arbitrary code. Re-save it with "
-                f"save_pretrained(..., safe_serialization=True) to get {ADAPTER_WEIGHTS}"
-            )
-        raise ModelError(f"adapter folder {path} has no {ADAPTER_WEIGHTS}")
-    return folder.resolve()
-
-
-# ---------------------------------------------------------------- generation helpers
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: FinishReason
-
-
-def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    """Text before the earliest stop string (OpenAI leaves the stop string out), and whether one was found."""
-    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
+from loraforge.serve.engine.errors import ContextLengthError, InvalidParameterError, UnknownModelError
+from loraforge.serve.engine.folders import check_adapter_dir
+from loraforge.serve.engine.types import BASE_ALIAS, Completion, FinishReason, cut_at_stop
 
 
 class _StopOnText(StoppingCriteria):
@@ -124,7 +49,7 @@ def _context_length(config, tokenizer) -> int | None:
 
 
 # ---------------------------------------------------------------- the engine
-class Engine:
+class PeftEngine:
     """Base model + adapters loaded once; `complete` serves any of them by name."""
 
     def __init__(
