@@ -338,22 +338,78 @@ class EvaluateSpec(_Strict):
 
 
 # ---------------------------------------------------------------- serve
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
 class AdapterRef(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    path: str
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN)
+    path: str = Field(description="adapter folder (PEFT, safetensors) or MLflow URI: runs:/ID/PATH, "
+                                  "models:/NAME/VERSION or models:/NAME@ALIAS")
+    pin: bool = Field(default=False, description="load at start-up and never evict from the adapter cache")
+
+
+class ApiKeySpec(_Strict):
+    """One API key: its secret comes from an environment variable (preferred) or is written here."""
+
+    name: str | None = Field(default=None, description="label in errors and logs (default: key_env); never the secret")
+    key_env: str | None = Field(default=None, pattern=ENV_NAME_PATTERN,
+                                description="environment variable holding the key (on every replica)")
+    key: str | None = Field(default=None, min_length=8, description="the key itself; prefer key_env")
+    adapters: list[str] | None = Field(default=None, description="adapters this key may use; null: all")
+    admin: bool = Field(default=False, description="may add and remove adapters (/v1/admin/...)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeySpec:
+        if (self.key_env is None) == (self.key is None):
+            raise ValueError("give exactly one of key_env (an environment variable name) or key")
+        return self
+
+
+class AutoscalingSpec(_Strict):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(
+        default=16, gt=0, description="requests in flight per replica the autoscaler aims for"
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
 
 
 class ServeSpec(_Strict):
     kind: Literal["serve"] = "serve"
     model: str | None = None
     adapters: list[AdapterRef] = Field(default_factory=list, description="default: the train output")
+    adapter_dir: str | None = Field(default=None, description="every subfolder is an adapter named after it")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    num_replicas: int = Field(default=1, ge=1)
-    max_batch_size: int = Field(default=8, ge=1)
+    num_replicas: int = Field(default=1, ge=1, description="fixed replica count (or set autoscaling)")
+    autoscaling: AutoscalingSpec | None = None
+    replica_cpus: float = Field(default=0.5, gt=0, description="CPUs Ray reserves per replica")
+    max_batch_size: int = Field(default=32, ge=1, description="requests in one replica's continuous batch")
     max_new_tokens_limit: int = Field(default=256, ge=1)
+    cache_bytes: int | None = Field(default=None, ge=1, description="adapter cache budget per replica; null: no limit")
+    pinned: list[str] = Field(default_factory=list, description="adapter names never evicted (besides adapters[].pin)")
+    api_keys: list[ApiKeySpec] = Field(default_factory=list, description="when set, every route needs a key")
     smoke_prompts: list[str] = Field(default_factory=list, description="sent after start-up, answers printed")
     keep_alive: bool = Field(default=False, description="keep serving after the smoke prompts")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeSpec:
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("set num_replicas or autoscaling, not both")
+        names = [a.name for a in self.adapters]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"adapter names must be unique, repeated: {dupes}")
+        key_names = [k.name for k in self.api_keys if k.name is not None]
+        if len(set(key_names)) != len(key_names):
+            raise ValueError(f"api_keys names must be unique, got {key_names}")
+        return self
 
 
 StageSpec = Annotated[
@@ -514,6 +570,9 @@ def check_paths(spec: BaseModel, source: str = "<spec>") -> None:
         elif isinstance(st, ServeSpec):
             model_ok(f"{pre}model", st.model)
             for j, a in enumerate(st.adapters):
-                file_ok(f"{pre}adapters.{j}.path", a.path)
+                if not a.path.startswith(("runs:/", "models:/")):  # MLflow sources resolve at start-up
+                    file_ok(f"{pre}adapters.{j}.path", a.path)
+            if st.adapter_dir is not None and not Path(st.adapter_dir).expanduser().is_dir():
+                problems.append((f"{pre}adapter_dir", f"folder not found: {st.adapter_dir}"))
     if problems:
         raise SpecError(source, problems)

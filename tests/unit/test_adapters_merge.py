@@ -140,15 +140,25 @@ def test_full_folder_is_full_rank_lora_plus_saved_norms(model_dir, batches, tmp_
 
 
 def test_serve_engine_holds_the_full_adapter_beside_lora_adapters(model_dir, batches, tmp_path):
-    """One base, several adapters switched per request: a full fine-tune must coexist with LoRA-family ones."""
-    from loraforge.serve.engine import Engine
+    """One base, several adapters in one continuous batch: a full fine-tune (full-rank LoRA + saved norms) must
+    be served beside LoRA-family ones, each greedy answer equal to its reloaded trained model's."""
+    from loraforge.serve.engine import Engine, SamplingParams
 
     folders = {m: save_tuned(_trained(m, model_dir, batches), m, tmp_path / m, None, model_dir)
                for m in ("lora", "full", "lora_ga")}
-    engine = Engine(model_dir, {m: str(f) for m, f in folders.items()})
+    engine = Engine(model_dir, {m: str(f) for m, f in folders.items()}, max_batch_size=4)
+    try:
+        prompt = [int(t) for t in batches[0]["input_ids"][0][:12]]
+        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        streams = {m: engine.submit(prompt, m, params) for m in folders}  # submitted together: one mixed batch
+        served = {m: [t for d in s for t in d.token_ids] for m, s in streams.items()}
+    finally:
+        engine.close()
     for m, folder in folders.items():
-        engine.model.set_adapter(m)
-        assert _close(_logits(engine.model, batches[0]), _logits(load_tuned(model_dir, folder).eval(), batches[0])), m
+        model = load_tuned(model_dir, folder).eval()
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        assert served[m] == out[0, len(prompt):].tolist(), m
 
 
 @pytest.mark.parametrize("method", ["dora", "pissa", "lora_ga", "qlora", "ir_qlora", "full"])

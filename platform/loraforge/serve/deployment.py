@@ -1,13 +1,18 @@
-"""The Ray Serve shell: one deployment whose replicas each hold an Engine and serve the OpenAI API.
+"""The Ray Serve shell: a model-server deployment whose replicas each hold an Engine and serve the
+OpenAI API, beside one AdapterRegistry replica they all follow.
 
 Ray Serve routes, scales and hosts; the engine and the FastAPI app know nothing of Ray.
-`start_service` checks the port, starts Serve and the app and waits until `/v1/models` answers;
-`run_smoke` sends the spec's smoke prompts through the official `openai` client;
-`serve_forever` backs `loraforge serve SPEC`, `ray_jobs/serve.py` and a pipeline's keep_alive serve stage.
+`build_application(args)` is the application builder that `loraforge serve`, a generated Serve config
+(`serve deploy`) and a KubeRay RayService all use. `start_service` checks the port, starts Serve and
+the app and waits until `/v1/models` answers; `run_smoke` sends the spec's smoke prompts through the
+official `openai` client; `serve_forever` backs `loraforge serve SPEC`, `ray_jobs/serve.py` and a
+pipeline's keep_alive serve stage.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import signal
 import threading
 import time
@@ -17,41 +22,97 @@ from typing import Any
 
 import httpx
 from ray import serve
+from ray.serve import Application
 
 from loraforge.cluster import port_in_use
 from loraforge.context import StageContext
-from loraforge.errors import ClusterError, SpecError
-from loraforge.resolve import load_tokenizer, resolve_model
-from loraforge.serve.engine import Engine, check_adapter_dir
-from loraforge.serve.openai_api import build_app
-from loraforge.spec import LAB_MODEL, ServeSpec
+from loraforge.errors import ClusterError
+from loraforge.resolve import resolve_model
+from loraforge.serve.adapter_sources import resolve_adapter_source
+from loraforge.serve.serve_config import APP_NAME, ServeAppArgs, app_args, served_base_name
+from loraforge.spec import ServeSpec
 
-APP_NAME = "loraforge"
-REPLICA_CPUS = 0.5  # fractional, so replicas fit beside Train/Tune workers on a small cluster
+log = logging.getLogger(__name__)
+
 SMOKE_MAX_TOKENS = 32
 READY_TIMEOUT_S = 180.0
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+__all__ = [
+    "SMOKE_MAX_TOKENS", "ServiceHandle", "build_application", "render_chat_prompt", "run_smoke",
+    "serve_forever", "served_base_name", "start_service", "wait_until_ready",
+]
+
+
+def resolve_adapter(source: str) -> Path:
+    """A local PEFT folder for a folder path or an MLflow URI (downloaded once per replica)."""
+    return resolve_adapter_source(source)
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:  # noqa: BLE001 - outside a replica Serve raises its own exception type
+        return "local"
 
 
 # Late-bound ingress (`serve.ingress()` + `__serve_build_asgi_app__`): the FastAPI app is built in the
 # replica after the engine is loaded, so routes close over this replica's engine and the same
 # `build_app` serves unit tests without Ray.
-@serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, max_constructor_retry_count=2)
+@serve.deployment(max_constructor_retry_count=2)
 @serve.ingress()
 class LoraforgeServer:
-    def __init__(self, model_ref: str, adapters: dict[str, str], base_name: str, max_new_tokens_limit: int):
-        self.engine = Engine(model_ref, adapters, base_name=base_name, max_new_tokens_limit=max_new_tokens_limit)
+    # Async: Serve runs a constructor on the replica's event loop, where blocking handle calls are refused;
+    # the blocking work (loading the model, the first registry sync) runs in a worker thread instead.
+    async def __init__(self, args: dict[str, Any], registry: Any):
+        await asyncio.to_thread(self._start, ServeAppArgs.model_validate(args), registry)
+
+    def _start(self, a: ServeAppArgs, registry: Any) -> None:
+        from loraforge.serve.auth import KeyRing
+        from loraforge.serve.engine import Engine
+        from loraforge.serve.metrics import ServeEngineMetrics
+        from loraforge.serve.registry import RegistrySync
+
+        self.keys = KeyRing.from_args(a.api_keys)  # a missing key variable fails the replica, loudly
+        self.engine = Engine(
+            resolve_model(a.model), {}, base_name=a.base_name, max_new_tokens_limit=a.max_new_tokens_limit,
+            max_batch_size=a.max_batch_size, cache_bytes=a.cache_bytes, metrics=ServeEngineMetrics(),
+        )
+        self.sync = RegistrySync(self.engine, registry, resolve_adapter)
+        self.sync.sync()  # serve the registered adapters from the first request on
+        self.sync.start()
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_app(self.engine)
+        from loraforge.serve.openai_api import build_app
+
+        return build_app(self.engine, keys=self.keys, admin=self.sync, replica_id=_replica_id())
+
+    def __del__(self) -> None:
+        sync = getattr(self, "sync", None)
+        if sync is not None:
+            sync.stop()
+        engine = getattr(self, "engine", None)
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()
 
 
+def build_application(args: dict[str, Any]) -> Application:
+    """The Serve application for `ServeAppArgs` (the `import_path` target of generated Serve configs)."""
+    from loraforge.serve.registry import AdapterRegistry
+
+    a = args if isinstance(args, ServeAppArgs) else ServeAppArgs.model_validate(args)
+    registry = AdapterRegistry.bind([x.model_dump() for x in a.adapters], a.adapter_dir, a.pinned)
+    return LoraforgeServer.options(**a.deployment_options()).bind(a.model_dump(mode="json"), registry)
+
+
+# ---------------------------------------------------------------- local start (loraforge serve, pipeline)
 @dataclass
 class ServiceHandle:
     url: str  # OpenAI base URL, e.g. http://127.0.0.1:8000/v1
     model_ref: str  # what the replicas loaded: 'lab', a folder or a hub id
-    models: list[str]  # served names: the base model first, then the adapters
+    models: list[str]  # served names at start: the base model first, then the adapters
     owns_serve: bool = True  # False: Serve was already running on the cluster, leave it running
+    keys: list[tuple[str, frozenset[str] | None]] = field(default_factory=list, repr=False)  # (key, allow-list)
     _closed: bool = field(default=False, repr=False)
 
     @property
@@ -62,6 +123,15 @@ class ServiceHandle:
     def adapters(self) -> list[str]:
         return self.models[1:]
 
+    def key_for(self, model: str | None = None) -> str | None:
+        """A configured API key that may use `model` (any model when None); None when the service is open."""
+        if not self.keys:
+            return None
+        for key, allowed in self.keys:
+            if allowed is None or model == self.base_model or (model is not None and model in allowed):
+                return key
+        return self.keys[0][0]
+
     def shutdown(self) -> None:
         if self._closed:
             return
@@ -71,14 +141,6 @@ class ServiceHandle:
         finally:
             if self.owns_serve:
                 serve.shutdown()
-
-
-def served_base_name(model_ref: str) -> str:
-    """The base model's name in /v1/models: 'lab', a hub id, or a local folder's name."""
-    if model_ref == LAB_MODEL:
-        return model_ref
-    path = Path(model_ref).expanduser()
-    return path.resolve().name if path.exists() else model_ref
 
 
 def client_host(host: str) -> str:
@@ -112,24 +174,35 @@ def _claim_port(spec: ServeSpec) -> bool:
     return True
 
 
-def _adapter_folders(spec: ServeSpec) -> dict[str, str]:
-    names = [a.name for a in spec.adapters]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise SpecError("serve", [("adapters", f"adapter names must be unique, repeated: {dupes}")])
-    return {a.name: str(check_adapter_dir(a.path)) for a in spec.adapters}
+def _expected_adapters(spec: ServeSpec) -> list[str]:
+    """Adapter names the service will list: the spec's, then the adapter folder's; each source checked here
+    first, so a bad folder or MLflow URI fails before any replica starts."""
+    names = []
+    for a in spec.adapters:
+        resolve_adapter(a.path)
+        names.append(a.name)
+    if spec.adapter_dir is not None:
+        from loraforge.serve.registry import _scan_adapter_dir as scan_adapter_dir
+
+        names += [n for n in sorted(scan_adapter_dir(Path(spec.adapter_dir).expanduser())) if n not in names]
+    return names
 
 
-def wait_until_ready(url: str, expected: list[str], timeout: float = READY_TIMEOUT_S) -> None:
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def wait_until_ready(url: str, expected: list[str], timeout: float = READY_TIMEOUT_S,
+                     api_key: str | None = None) -> None:
     """Poll GET {url}/models until it lists every expected model (the proxy learns routes a bit later)."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     while time.monotonic() < deadline:
         try:
-            r = httpx.get(f"{url}/models", timeout=5)
+            r = httpx.get(f"{url}/models", timeout=5, headers=_auth_headers(api_key))
             if r.status_code == 200:
                 served = [m["id"] for m in r.json()["data"]]
-                if served == expected:
+                if set(expected) <= set(served):
                     return
                 last = f"serves {served}, expected {expected}"
             else:
@@ -140,29 +213,33 @@ def wait_until_ready(url: str, expected: list[str], timeout: float = READY_TIMEO
     raise ClusterError(f"the model service at {url} was not ready within {timeout:.0f}s ({last})")
 
 
+def _plain_keys(spec: ServeSpec) -> list[tuple[str, frozenset[str] | None]]:
+    import os
+
+    keys = []
+    for k in spec.api_keys:
+        secret = k.key if k.key is not None else os.environ.get(str(k.key_env), "")
+        keys.append((secret, None if k.adapters is None else frozenset(k.adapters)))
+    return keys
+
+
 def start_service(spec: ServeSpec, ctx: StageContext) -> ServiceHandle:
     """Deploy base model + adapters on Ray Serve and return once the OpenAI API answers."""
     model_ref = spec.model or ctx.model
     resolve_model(model_ref)  # a bad model reference fails here, not in every replica
-    adapters = _adapter_folders(spec)
     # Name the base model as the job file did ('lab', a hub id), not by the folder it resolved to.
     base_name = served_base_name(spec.model or ctx.model_ref or ctx.model)
+    args = app_args(spec, model_ref, secrets="digest", base_name=base_name)  # replicas get digests only
+    adapters = _expected_adapters(spec)
     owns_serve = _claim_port(spec)
     url = f"http://{client_host(spec.host)}:{spec.port}/v1"
-    models = [base_name, *adapters]
-
-    app = LoraforgeServer.options(
-        num_replicas=spec.num_replicas,
-        # The simple engine serves one request at a time; capping ongoing requests per replica at the
-        # batch size makes the router spread load instead of queueing it all behind one lock.
-        max_ongoing_requests=spec.max_batch_size,
-    ).bind(model_ref, adapters, base_name, spec.max_new_tokens_limit)
+    handle = ServiceHandle(url=url, model_ref=model_ref, models=[base_name, *adapters], owns_serve=owns_serve,
+                           keys=_plain_keys(spec))
     if owns_serve:
         serve.start(http_options={"host": spec.host, "port": spec.port})
-    handle = ServiceHandle(url=url, model_ref=model_ref, models=models, owns_serve=owns_serve)
     try:
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        wait_until_ready(url, models)
+        serve.run(build_application(args), name=APP_NAME, route_prefix="/")
+        wait_until_ready(url, handle.models, api_key=handle.key_for())
     except BaseException as err:
         try:
             handle.shutdown()
@@ -183,25 +260,27 @@ def render_chat_prompt(tokenizer, user_text: str) -> str:
 
 
 def run_smoke(handle: ServiceHandle, spec: ServeSpec) -> list[tuple[str, str, str]]:
-    """(prompt, served model, answer) for each smoke prompt on every adapter and the base, greedily."""
+    """(prompt, served model, answer) for each smoke prompt on every adapter and the base, greedily,
+    through /v1/chat/completions (the tokenizer's chat template)."""
     from openai import OpenAI
 
-    tokenizer = load_tokenizer(handle.model_ref)
-    client = OpenAI(base_url=handle.url, api_key="loraforge", timeout=120, max_retries=1)
     max_tokens = min(SMOKE_MAX_TOKENS, spec.max_new_tokens_limit)
     answers = []
     for prompt in spec.smoke_prompts:
-        rendered = render_chat_prompt(tokenizer, prompt)
         for model in [*handle.adapters, handle.base_model]:
-            r = client.completions.create(model=model, prompt=rendered, max_tokens=max_tokens, temperature=0)
-            answers.append((prompt, model, r.choices[0].text))
+            client = OpenAI(base_url=handle.url, api_key=handle.key_for(model) or "none", timeout=120,
+                            max_retries=1)
+            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=max_tokens, temperature=0)
+            answers.append((prompt, model, r.choices[0].message.content or ""))
     return answers
 
 
 def _print_service(handle: ServiceHandle) -> None:
     print(f"loraforge serving {', '.join(handle.models)} at {handle.url}", flush=True)
+    auth = " -H 'Authorization: Bearer $KEY'" if handle.keys else ""
     print(
-        f"  try: curl {handle.url}/completions -H 'Content-Type: application/json' "
+        f"  try: curl {handle.url}/completions -H 'Content-Type: application/json'{auth} "
         f"-d '{{\"model\": \"{handle.models[-1]}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
         flush=True,
     )
