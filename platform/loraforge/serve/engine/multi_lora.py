@@ -57,14 +57,17 @@ class BaseShapes:
 
     linears: dict[str, tuple[int, int]]  # module path -> (d_in, d_out)
     embeddings: dict[str, tuple[int, int]]  # module path -> (vocab, dim)
-    norms: dict[str, int]  # norm weight parameter path -> size
+    replaceable: dict[str, tuple[int, ...]]  # parameter path -> shape, for modules_to_save copies
 
     @classmethod
-    def of(cls, model: nn.Module, norms: dict[str, int]) -> BaseShapes:
+    def of(cls, model: nn.Module, norms: Sequence[str]) -> BaseShapes:
+        """`norms`: the module paths of the norm layers the runner applies per row."""
         linears = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if type(m) is nn.Linear}
         embeddings = {n: (m.num_embeddings, m.embedding_dim) for n, m in model.named_modules()
                       if isinstance(m, nn.Embedding)}
-        return cls(linears, embeddings, norms)
+        replaceable = {f"{n}.{p}": tuple(t.shape) for n in (*linears, *embeddings, *norms)
+                       for p, t in model.get_submodule(n).named_parameters(recurse=False)}
+        return cls(linears, embeddings, replaceable)
 
 
 def check_adapter(adapter: AdapterWeights, shapes: BaseShapes) -> None:
@@ -94,12 +97,12 @@ def check_adapter(adapter: AdapterWeights, shapes: BaseShapes) -> None:
             raise ModelError(f"adapter {name!r}: DoRA on the embedding {path} is not supported")
         check_factors(path, m, *shapes.embeddings[path])
     for param, weight in adapter.replaced.items():
-        if param not in shapes.norms:
-            raise ModelError(f"adapter {name!r} saves {param} (modules_to_save): only norm weights can be replaced "
-                             f"per request")
-        if weight.shape != (shapes.norms[param],):
+        if param not in shapes.replaceable:
+            raise ModelError(f"adapter {name!r} saves {param} (modules_to_save): only parameters of linear, embedding "
+                             f"and norm layers can be replaced per request")
+        if tuple(weight.shape) != shapes.replaceable[param]:
             raise ModelError(f"adapter {name!r}: saved {param} has shape {tuple(weight.shape)}, "
-                             f"expected [{shapes.norms[param]}]")
+                             f"expected {list(shapes.replaceable[param])}")
 
 
 # ---------------------------------------------------------------- rank pools
@@ -222,8 +225,8 @@ class LoraRows:
 
     spans: list[_PoolSpan] = field(default_factory=list)
     direct: list[_Segment] = field(default_factory=list)  # adapters above POOL_MAX_RANK
-    segments: list[_Segment] = field(default_factory=list)  # every adapter's rows (saved norms)
     dora: list[_Segment] = field(default_factory=list)  # rows of adapters with DoRA magnitudes
+    saved_params: dict[str, list[tuple[int, int, dict[str, Tensor]]]] = field(default_factory=dict)
     grouped_mm: bool = True
 
     def linear(self, path: str, x: Tensor, y: Tensor, bias: Tensor | None) -> Tensor:
@@ -264,9 +267,10 @@ class LoraRows:
                 y[seg.start : seg.end] += u @ m.b.T.to(y.dtype)
         return y
 
-    def replaced(self, param: str) -> list[tuple[int, int, Tensor]]:
-        """(start, end, weight) for the rows whose adapter saved its own copy of `param` (modules_to_save)."""
-        return [(s.start, s.end, s.adapter.replaced[param]) for s in self.segments if param in s.adapter.replaced]
+    def saved(self, module: str) -> list[tuple[int, int, dict[str, Tensor]]]:
+        """(start, end, {parameter name: tensor}) for the rows whose adapter saved its own copy of `module`'s
+        parameters (PEFT modules_to_save); the runner recomputes those rows with them."""
+        return self.saved_params.get(module, [])
 
     def _expand(self, span: _PoolSpan, x: Tensor, w: Tensor, transpose: bool) -> Tensor:
         """Each row times its own adapter's matrix: w [C, k, n] (or its transpose) picked by pool position."""
@@ -356,6 +360,7 @@ class MultiLora:
         """Row layout for `adapters` (already in forward order), `counts` rows each (None: one each)."""
         rows = LoraRows(grouped_mm=self.grouped_mm)
         pooled: dict[int, list[tuple[int, int, AdapterWeights]]] = {}  # pool rank -> (position, rows, adapter)
+        pool_starts: dict[int, int] = {}
         start = 0
         i = 0
         while i < len(adapters):  # runs of the same adapter are one segment
@@ -365,20 +370,22 @@ class MultiLora:
                 j += 1
             if a is not None:
                 seg = _Segment(a, start, start + n)
-                rows.segments.append(seg)
                 if any(m.magnitude is not None for m in a.modules.values()):
                     rows.dora.append(seg)
+                by_module: dict[str, dict[str, Tensor]] = {}
+                for param, tensor in a.replaced.items():
+                    module, _, name = param.rpartition(".")
+                    by_module.setdefault(module, {})[name] = tensor
+                for module, params in by_module.items():
+                    rows.saved_params.setdefault(module, []).append((seg.start, seg.end, params))
                 if a.rank > POOL_MAX_RANK:
                     rows.direct.append(seg)
                 else:
                     rank = pool_rank(a.rank)
+                    pool_starts.setdefault(rank, start)  # a pool's adapters are consecutive in forward order
                     pooled.setdefault(rank, []).append((self.pools[rank].position[adapter_key(a)], n, a))
             start += n
             i = j
-        pool_starts = {}
-        for seg in rows.segments:
-            if seg.adapter.rank <= POOL_MAX_RANK:
-                pool_starts.setdefault(pool_rank(seg.adapter.rank), seg.start)
         for rank, groups in pooled.items():
             rows.spans.append(self._span(self.pools[rank], pool_starts[rank], groups))
         return rows

@@ -90,10 +90,9 @@ class ModelRunner:
         self.cached = [0] * max_slots  # tokens held per slot
         self._free = list(range(max_slots))
         self._in_use: set[int] = set()
-        norms = {f"model.layers.{i}.{n}.weight": config.hidden_size
-                 for i in range(len(self.layers)) for n in ("input_layernorm", "post_attention_layernorm")}
-        norms["model.norm.weight"] = config.hidden_size
-        self.lora = MultiLora(BaseShapes.of(model, norms), max_slots, self.dtype, self.device)
+        norms = [f"model.layers.{i}.{n}" for i in range(len(self.layers))
+                 for n in ("input_layernorm", "post_attention_layernorm")]
+        self.lora = MultiLora(BaseShapes.of(model, [*norms, "model.norm"]), max_slots, self.dtype, self.device)
 
     # ------------------------------------------------------------ slots
     def alloc(self) -> int:
@@ -134,13 +133,15 @@ class ModelRunner:
 
         inner = self.model.model
         h = inner.embed_tokens(ids)
+        for start, end, saved in batch.rows.saved("model.embed_tokens"):
+            h[start:end] = F.embedding(ids[start:end], saved["weight"])
         batch.rows.embedding("model.embed_tokens", ids, h)
         cos, sin = (t[0] for t in inner.rotary_emb(h[None], positions[None]))
         cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
         rows = batch.rows
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}"
-            x = self._norm(layer.input_layernorm, f"{prefix}.input_layernorm.weight", h, rows)
+            x = self._norm(layer.input_layernorm, f"{prefix}.input_layernorm", h, rows)
             sa = layer.self_attn
             q = self._linear(sa.q_proj, f"{prefix}.self_attn.q_proj", x, rows).view(-1, self.num_heads, self.head_dim)
             k = self._linear(sa.k_proj, f"{prefix}.self_attn.k_proj", x, rows).view(-1, self.num_kv_heads,
@@ -153,7 +154,7 @@ class ModelRunner:
             self.v_cache[i][slots, :, positions] = v
             o = attention.run(q, self.k_cache[i], self.v_cache[i], self.scaling)
             h = h + self._linear(sa.o_proj, f"{prefix}.self_attn.o_proj", o.view(o.shape[0], -1), rows)
-            x = self._norm(layer.post_attention_layernorm, f"{prefix}.post_attention_layernorm.weight", h, rows)
+            x = self._norm(layer.post_attention_layernorm, f"{prefix}.post_attention_layernorm", h, rows)
             mlp = layer.mlp
             gate = self._linear(mlp.gate_proj, f"{prefix}.mlp.gate_proj", x, rows)
             up = self._linear(mlp.up_proj, f"{prefix}.mlp.up_proj", x, rows)
@@ -162,7 +163,7 @@ class ModelRunner:
         for c in ordered:
             self.cached[c.slot] = c.start + len(c.token_ids)
         last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
-        h_last = self._norm(inner.norm, "model.norm.weight", h[last], batch.last)
+        h_last = self._norm(inner.norm, "model.norm", h[last], batch.last)
         logits = self._linear(self.model.lm_head, "lm_head", h_last, batch.last)
         out = torch.empty_like(logits)
         out[torch.tensor(batch.order, device=self.device)] = logits
@@ -189,16 +190,20 @@ class ModelRunner:
                 raise ValueError(f"slot {c.slot}: token id out of range [0, {self.vocab_size})")
 
     def _linear(self, module: nn.Linear, path: str, x: Tensor, rows: LoraRows) -> Tensor:
-        return rows.linear(path, x, F.linear(x, module.weight, module.bias), module.bias)
+        """The base layer over all rows (rows of an adapter that saved this layer use its copy), then LoRA."""
+        y = F.linear(x, module.weight, module.bias)
+        for start, end, saved in rows.saved(path):
+            y[start:end] = F.linear(x[start:end], saved.get("weight", module.weight), saved.get("bias", module.bias))
+        return rows.linear(path, x, y, module.bias)
 
-    def _norm(self, norm: nn.Module, param: str, x: Tensor, rows: LoraRows) -> Tensor:
+    def _norm(self, norm: nn.Module, path: str, x: Tensor, rows: LoraRows) -> Tensor:
         """RMSNorm as HF computes it; rows whose adapter saved this norm (modules_to_save) use that weight."""
         eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or 1e-6
         x32 = x.to(torch.float32)
         normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
         y = norm.weight * normed
-        for start, end, weight in rows.replaced(param):
-            y[start:end] = weight.to(y.dtype) * normed[start:end]
+        for start, end, saved in rows.saved(path):
+            y[start:end] = saved["weight"] * normed[start:end]
         return y
 
 
