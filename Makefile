@@ -45,6 +45,7 @@ integration: venv browser
 bench: venv
 	$(BIN)/python benchmarks/curate_throughput.py
 	$(BIN)/python benchmarks/methods.py
+	$(BIN)/python benchmarks/serving.py
 
 clean:
 	rm -rf .loraforge .pytest_cache

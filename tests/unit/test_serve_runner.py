@@ -33,11 +33,9 @@ def model_dir(lab) -> str:
     return str(lab.model_dir)
 
 
-def _norms_and_embedding_adapter(model_dir: str, out: Path) -> Path:
-    """Embedding + tied-head LoRA and saved (modules_to_save) norms, every trainable tensor perturbed."""
+def _perturbed_adapter(model_dir: str, out: Path, cfg: LoraConfig) -> Path:
+    """A PEFT adapter with every trainable tensor (LoRA factors, modules_to_save copies) moved off its init."""
     torch.manual_seed(11)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens", "lm_head"], init_lora_weights=False,
-                     modules_to_save=["model.norm", "post_attention_layernorm"])
     model = get_peft_model(fp32_base(model_dir), cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -54,7 +52,13 @@ def folders(model_dir, tmp_path_factory) -> dict[str, Path]:
     zoo = make_adapter_zoo(Path(model_dir), root, 8)
     zoo["dora"] = make_random_adapter(Path(model_dir), root / "dora", seed=7, rank=8, use_dora=True, b_scale=0.3,
                                       targets=("q_proj", "v_proj", "o_proj", "down_proj"))
-    zoo["emb"] = _norms_and_embedding_adapter(model_dir, root / "emb")
+    # Embedding and tied-head LoRA, saved norms; saved (modules_to_save) embedding and linear layers.
+    zoo["emb"] = _perturbed_adapter(model_dir, root / "emb", LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens", "lm_head"], init_lora_weights=False,
+        modules_to_save=["model.norm", "post_attention_layernorm"]))
+    zoo["saved"] = _perturbed_adapter(model_dir, root / "saved", LoraConfig(
+        r=2, lora_alpha=4, target_modules=["v_proj"], init_lora_weights=False,
+        modules_to_save=["embed_tokens", "o_proj"]))
     return zoo
 
 
@@ -136,7 +140,7 @@ def test_mixed_batch_with_joins_and_slot_reuse_matches_peft_per_row(grouped_mm, 
     # Two decode rows with far-apart slots: attention gathers their slots instead of reading a slot range.
     errors.append(_check(runner, weights, [(newcomer, 1), (last, 1)]))
     assert max(errors) < ATOL, errors
-    assert len({r.model for r in reqs}) >= 11  # 8 zoo ranks, DoRA, embedding/norm adapter, base
+    assert len({r.model for r in reqs}) == 12  # 8 zoo adapters, DoRA, embedding/norm, saved layers, base
 
 
 def test_base_rows_equal_the_plain_hf_model(base, requests):
@@ -259,10 +263,12 @@ def test_refuses_models_and_adapters_it_cannot_run(base, weights):
     with pytest.raises(ModelError, match="'gpt2'"):
         ModelRunner(gpt2, 2, 16)
     runner = ModelRunner(base, 2, 16)
-    bad = AdapterWeights("bad", "h", 1, {}, {}, {"model.embed_tokens.weight": base.model.embed_tokens.weight}, 0)
     slot = runner.alloc()
-    with pytest.raises(ModelError, match="model.embed_tokens.weight"):
-        runner.forward([SeqChunk(slot, [1, 2], 0, bad)])
+    for param, value in (("model.rotary_emb.inv_freq", base.model.rotary_emb.inv_freq),
+                         ("model.norm.weight", torch.ones(7))):
+        bad = AdapterWeights("bad", param, 1, {}, {}, {param: value}, 0)
+        with pytest.raises(ModelError, match=param):
+            runner.forward([SeqChunk(slot, [1, 2], 0, bad)])
     wrong = AdapterWeights("wrong", "h", 2, {"model.layers.0.self_attn.q_proj": LoraModule(torch.zeros(2, 7),
                                                                                           torch.zeros(128, 2))},
                            {}, {}, 0)

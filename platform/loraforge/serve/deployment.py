@@ -28,7 +28,7 @@ from loraforge.cluster import port_in_use
 from loraforge.context import StageContext
 from loraforge.errors import ClusterError
 from loraforge.resolve import resolve_model
-from loraforge.serve.adapter_sources import resolve_adapter_source
+from loraforge.serve.adapter_sources import resolve_adapter_source, scan_adapter_dir
 from loraforge.serve.serve_config import APP_NAME, ServeAppArgs, app_args, served_base_name
 from loraforge.spec import ServeSpec
 
@@ -182,8 +182,6 @@ def _expected_adapters(spec: ServeSpec) -> list[str]:
         resolve_adapter(a.path)
         names.append(a.name)
     if spec.adapter_dir is not None:
-        from loraforge.serve.registry import _scan_adapter_dir as scan_adapter_dir
-
         names += [n for n in sorted(scan_adapter_dir(Path(spec.adapter_dir).expanduser())) if n not in names]
     return names
 

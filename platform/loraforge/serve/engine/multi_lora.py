@@ -18,8 +18,9 @@ grouped_mm ~0.14 ms, one matmul pair per adapter in a Python loop ~0.38 ms; with
 decode rows, grouped_mm ~0.4 ms where padding every group for bmm costs ~9 ms. The base layer itself takes
 ~0.9 ms (q_proj) to ~2.7 ms (up_proj) for those 32 rows.
 
-Weights are never merged. DoRA rows are rescaled after the update (y = m * (W0 x + B A x) + bias), and
-`modules_to_save` norm weights replace the base weight on their rows.
+Weights are never merged. DoRA rows are rescaled after the update (y = m * (W0 x + B A x) + bias), and the
+runner recomputes the rows of an adapter with `modules_to_save` copies (norm, embedding or linear layers) with
+those copies (`LoraRows.saved`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loraforge.errors import ModelError
-from loraforge.serve.engine.multi_lora import BaseShapes, LoraRows, MultiLora
+from loraforge.serve.engine.multi_lora import BaseShapes, LoraRows, MultiLora, check_adapter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -114,8 +114,6 @@ class ModelRunner:
     # ------------------------------------------------------------ forward
     def check_adapter(self, adapter: AdapterWeights) -> None:
         """ModelError if the batched forward cannot apply `adapter` to this base (checked before queueing)."""
-        from loraforge.serve.engine.multi_lora import check_adapter
-
         check_adapter(adapter, self.lora.shapes)
 
     @torch.inference_mode()
