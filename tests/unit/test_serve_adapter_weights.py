@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from lab_adapters import make_adapter_zoo, make_random_adapter
-from method_batches import fp32_base, task_batches
+from method_batches import fp32_base, perturbed_method_folder, task_batches
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -40,22 +40,9 @@ def base(model_dir):
 @pytest.fixture(scope="module")
 def issue4_folders(lab, model_dir, tmp_path_factory) -> dict[str, Path]:
     """The training methods' saved folders, every trainable parameter moved off its init."""
-    from loraforge.adapters import BuildSetup, build_adapter, save_tuned
-    from loraforge.adapters.lora_ga import default_loss
-    from loraforge.spec import TrainSpec
-
     root = tmp_path_factory.mktemp("issue4")
     batches = task_batches(model_dir, sorted(lab.tasks)[-1])
-    folders = {}
-    for method in ISSUE4_METHODS:
-        torch.manual_seed(0)
-        setup = BuildSetup(batches=iter(batches), loss_fn=default_loss) if method == "lora_ga" else None
-        model = build_adapter(fp32_base(model_dir), TrainSpec(method=method, lora={"r": 4, "alpha": 8.0}), setup)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.02 * torch.randn_like(p))
-        folders[method] = save_tuned(model, method, root / method, None, model_dir)
+    folders = {method: perturbed_method_folder(model_dir, method, batches, root) for method in ISSUE4_METHODS}
     return folders
 
 

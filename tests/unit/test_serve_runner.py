@@ -8,16 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from lab_adapters import make_adapter_zoo, make_random_adapter
-from method_batches import fp32_base, task_batches
+from method_batches import fp32_base, perturbed_method_folder, task_batches
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from loraforge.adapters import BuildSetup, build_adapter, load_tuned, save_tuned
-from loraforge.adapters.lora_ga import default_loss
+from loraforge.adapters import load_tuned
 from loraforge.errors import ModelError
 from loraforge.serve.engine.adapter_weights import AdapterWeights, LoraModule, read_adapter
 from loraforge.serve.engine.multi_lora import POOL_MAX_RANK, BaseShapes, MultiLora, RankPool
 from loraforge.serve.engine.runner import ModelRunner, SeqChunk
-from loraforge.spec import TrainSpec
 
 ATOL = 1e-4
 BASE = "base"
@@ -231,16 +229,7 @@ def test_full_and_lora_ga_folders_match_load_tuned(model_dir, lab, base, weights
     """Issue-4 folders: `full` (full-rank LoRA on every linear, embedding and tied head, saved norms) runs outside
     the pools; `lora_ga` (rank 2r) inside; both in one batch with a zoo adapter."""
     batches = task_batches(model_dir, sorted(lab.tasks)[-1])
-    folders = {}
-    for method in ("full", "lora_ga"):
-        torch.manual_seed(0)
-        setup = BuildSetup(batches=iter(batches), loss_fn=default_loss) if method == "lora_ga" else None
-        model = build_adapter(fp32_base(model_dir), TrainSpec(method=method, lora={"r": 4, "alpha": 8.0}), setup)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.02 * torch.randn_like(p))
-        folders[method] = save_tuned(model.eval(), method, tmp_path / method, None, model_dir)
+    folders = {m: perturbed_method_folder(model_dir, m, batches, tmp_path) for m in ("full", "lora_ga")}
     tuned = {m: read_adapter(m, f, base) for m, f in folders.items()}
     assert tuned["full"].rank > POOL_MAX_RANK and tuned["full"].embeddings and tuned["full"].replaced
     zoo = next(r for r in requests.values() if r.model == "a03")

@@ -15,7 +15,14 @@ from loraforge.errors import ModelError
 from loraforge.resolve import load_model, load_tokenizer
 from loraforge.serve.engine.errors import ContextLengthError, InvalidParameterError, UnknownModelError
 from loraforge.serve.engine.folders import check_adapter_dir
-from loraforge.serve.engine.types import BASE_ALIAS, Completion, FinishReason, cut_at_stop
+from loraforge.serve.engine.types import (
+    BASE_ALIAS,
+    Completion,
+    FinishReason,
+    context_length_of,
+    cut_at_stop,
+    eos_token_ids,
+)
 
 
 class _StopOnText(StoppingCriteria):
@@ -28,24 +35,6 @@ class _StopOnText(StoppingCriteria):
         text = self.tokenizer.decode(input_ids[0, self.prompt_len :], skip_special_tokens=True)
         done = any(s in text for s in self.stop)
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a turn: the generation config's (may be a list) and the tokenizer's."""
-    ids: set[int] = set()
-    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(int(i) for i in source)
-    return sorted(ids)
-
-
-def _context_length(config, tokenizer) -> int | None:
-    n = getattr(config, "max_position_embeddings", None)
-    if n is None and tokenizer.model_max_length < 1_000_000:  # HF's "unset" sentinel is ~1e30
-        n = tokenizer.model_max_length
-    return int(n) if n else None
 
 
 # ---------------------------------------------------------------- the engine
@@ -71,8 +60,8 @@ class PeftEngine:
         self.device = torch.device(device)
         self.tokenizer = load_tokenizer(model_path)
         base = load_model(model_path).to(self.device).eval()
-        self.context_length = _context_length(base.config, self.tokenizer)
-        self.eos_token_ids = _eos_ids(base, self.tokenizer)
+        self.context_length = context_length_of(base.config, self.tokenizer)
+        self.eos_token_ids = eos_token_ids(base, self.tokenizer)
         self.model = base
         if folders:
             from peft import PeftModel

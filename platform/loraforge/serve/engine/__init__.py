@@ -35,7 +35,14 @@ from loraforge.serve.engine.scheduler import (
     Scheduler,
     new_request,
 )
-from loraforge.serve.engine.types import BASE_ALIAS, Completion, FinishReason, cut_at_stop
+from loraforge.serve.engine.types import (
+    BASE_ALIAS,
+    Completion,
+    FinishReason,
+    context_length_of,
+    cut_at_stop,
+    eos_token_ids,
+)
 
 DEFAULT_MAX_LEN = 2048  # KV length per slot when the model states no context length
 
@@ -77,7 +84,6 @@ class Engine:
         from loraforge.serve.engine.adapter_cache import AdapterCache
         from loraforge.serve.engine.adapter_weights import read_adapter
         from loraforge.serve.engine.runner import ModelRunner
-        from loraforge.serve.peft_engine import _context_length, _eos_ids
 
         adapters = dict(adapters or {})
         self.base_name = base_name
@@ -92,8 +98,8 @@ class Engine:
         self.device = torch.device(device)
         self.tokenizer = load_tokenizer(model_path)
         base = load_model(model_path).to(self.device).eval()
-        self.eos_token_ids = _eos_ids(base, self.tokenizer)
-        model_limit = _context_length(base.config, self.tokenizer)
+        self.eos_token_ids = eos_token_ids(base, self.tokenizer)
+        model_limit = context_length_of(base.config, self.tokenizer)
         limits = [n for n in (model_limit, max_len) if n]
         kv_len = min(limits) if limits else DEFAULT_MAX_LEN
         self.runner = ModelRunner(base, max_slots=max_batch_size, max_len=kv_len)
