@@ -1,6 +1,9 @@
 """Fine-tuning methods side by side on the lab model: convergence, quantisation, memory and step time.
 
-    LORAFORGE_HOME=.loraforge/test python benchmarks/methods.py [--task sort3] [--budget 60] [--cap 300]
+    LORAFORGE_HOME=.loraforge/test python benchmarks/methods.py [--task sort3] [--budget 60] [--cap 300] [--rank 8]
+
+(`--rank R`: every LoRA-family method at rank R, alpha 2R unless --alpha; `--conv-methods lora lora_ga`: only
+those besides full, convergence part only. RESULTS.md's 'configurations tried' section lists the explorations.)
 
 (LORAFORGE_HOME: any home whose lab is built; a fresh one builds the lab first, about 8 minutes.) About 5 minutes
 on 2 cores. First a check that the benchmark's training step gives run_train(num_workers=0)'s losses. Then, on
@@ -20,7 +23,8 @@ one lab task, every method sees the same batches (the train loop's stream for a 
    the weights' relative error and NF4 code entropy. Then lora (fp32 base, the reference), qlora and ir_qlora
    train the same steps (the budget) at lora's best learning rate on the same batches, over `--seeds` seeds;
    each is saved, reloaded exactly with `load_tuned` (the quantised base rebuilt) and scored by exact match
-   of greedy answers on the task's eval split.
+   of greedy answers on the task's eval split; per-seed paired differences (lora - qlora, ir_qlora - qlora)
+   with their standard error say whether a gap is measurable at all.
 3. Memory and step time, all 8 methods: mean step time over `--probe-steps` steps after `--probe-warmup`
    (in this process), static storage (storage_bytes: parameters and buffers, 4-bit weights by their packed
    codes and constants), trainable parameters, and peak RSS in a fresh process per method (probe_method).
@@ -119,7 +123,8 @@ def reach_score(run: Run) -> tuple[float, float]:
     return (run.steps_to_target if run.steps_to_target is not None else math.inf, run.final)
 
 
-def convergence(bench: Bench, budget: int, cap: int, seeds: int) -> dict[str, Any]:
+def convergence(bench: Bench, budget: int, cap: int, seeds: int,
+                methods: tuple[str, ...] = ADAPTER_METHODS) -> dict[str, Any]:
     def full_at(lr: float, seed: int = 0) -> Run:
         run = train_run(bench, "full", lr, budget, seed=seed)
         say(f"  full lr={lr:g} seed {seed}: smoothed loss {run.final:.4f} at step {len(run.losses)} "
@@ -142,7 +147,7 @@ def convergence(bench: Bench, budget: int, cap: int, seeds: int) -> dict[str, An
     say(f"targets (full's smoothed loss at step {budget}, lr={full.lr:g}) per seed: "
         f"{', '.join(f'{t:.4f}' for t in targets)}; full reaches them at steps {full_steps}")
     out = {"full": Convergence(full, full_grid, full_steps, full_steps)}
-    for method in ADAPTER_METHODS:
+    for method in methods:
         say(f"convergence: {method}")
         best, grid = lr_search(lambda lr, method=method: chase(method, lr, 0), reach_score)
         steps = [best.steps_to_target] + [chase(method, best.lr, seed).steps_to_target for seed in range(1, seeds)]
@@ -233,11 +238,23 @@ def quantised_finetune(bench: Bench, lr: float, steps: int, seeds: int, max_new_
     gap = mean["lora"] - mean["qlora"]
     recovered = (mean["ir_qlora"] - mean["qlora"]) / gap if gap > 0 else None
     return {"accuracy": mean, "accuracy_per_seed": acc, "final_loss": {m: sum(v) / len(v) for m, v in loss.items()},
-            "gap_recovered": recovered}
+            "gap_recovered": recovered, "paired": {"lora_minus_qlora": paired(acc["lora"], acc["qlora"]),
+                                                   "ir_qlora_minus_qlora": paired(acc["ir_qlora"], acc["qlora"])}}
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float | None]:
+    """Mean of the per-seed differences a - b (same batches and seed) and its standard error (None for one seed):
+    a difference within about two standard errors of 0 is not measurable with these seeds."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / len(d)
+    if len(d) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
 
 
 # ---------------------------------------------------------------- 3. memory and step time
-def probe_all(task: str, batch_size: int, lrs: dict[str, float], warmup: int, steps: int) -> dict[str, dict]:
+def probe_all(task: str, batch_size: int, lrs: dict[str, float], warmup: int, steps: int, rank: int,
+              alpha: float) -> dict[str, dict]:
     """One fresh process per method, forked from a server that has imported torch & co. once. A fixed glibc
     mmap threshold makes every tensor above 64 KiB its own mapping, given back to the system when freed, so
     the resident set follows the live tensors instead of the allocator's cached free memory."""
@@ -250,7 +267,8 @@ def probe_all(task: str, batch_size: int, lrs: dict[str, float], warmup: int, st
     try:
         for method in ALL_METHODS:
             receive, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=probe_to_pipe, args=(send, task, batch_size, method, lrs[method], warmup, steps))
+            proc = ctx.Process(target=probe_to_pipe,
+                               args=(send, task, batch_size, method, lrs[method], warmup, steps, rank, alpha))
             proc.start()
             send.close()
             status, value = receive.recv()
@@ -277,6 +295,11 @@ def fmt(x: Any, digits: int = 4) -> str:
     if isinstance(x, float):
         return f"{x:.{digits}g}"
     return str(x)
+
+
+def fmt_pm(pair: list[float | None]) -> str:
+    mean, se = pair
+    return f"{mean:+.4f}" + ("" if se is None else f" ± {se:.4f}")
 
 
 def _steps_text(values: list[int | None]) -> str:
@@ -356,23 +379,23 @@ def summarise(conv: dict[str, Any], quant: dict[str, Any] | None, tune: dict[str
     at_full = {m: _r(c.mean_at_full_lr, 1) for m, c in methods.items()}
     result: dict[str, Any] = {
         "steps_to_target": steps,
-        "lora_ga_over_lora": _r(_ratio(methods["lora_ga"].mean_steps, methods["lora"].mean_steps), 3),
+        "lora_ga_over_lora": _r(_ratio(steps.get("lora_ga"), steps.get("lora")), 3),
         "ppl": None if quant is None else {k: round(v, 3) for k, v in quant["ppl"].items()},
         "accuracy": None if tune is None else {m: round(tune["accuracy"][m], 4) for m in ("qlora", "ir_qlora")},
         "accuracy_lora_fp32": None if tune is None else round(tune["accuracy"]["lora"], 4),
         "gap_recovered": None if tune is None else _r(tune["gap_recovered"], 3),
         "steps_to_target_per_seed": {m: c.steps for m, c in methods.items()},
         "steps_at_full_lr": at_full,
-        "lora_ga_over_lora_at_full_lr": _r(_ratio(methods["lora_ga"].mean_at_full_lr,
-                                                  methods["lora"].mean_at_full_lr), 3),
+        "lora_ga_over_lora_at_full_lr": _r(_ratio(at_full.get("lora_ga"), at_full.get("lora")), 3),
         "targets": [round(t, 4) for t in conv["targets"]],
         "best_lr": {m: c.best.lr for m, c in methods.items()},
-        "task": args.task, "batch_size": args.batch_size, "budget": args.budget, "cap": args.cap,
-        "conv_seeds": args.conv_seeds, "seeds": args.seeds,
+        "task": args.task, "rank": args.rank, "alpha": args.alpha, "batch_size": args.batch_size,
+        "budget": args.budget, "cap": args.cap, "conv_seeds": args.conv_seeds, "seeds": args.seeds,
     }
     if quant and tune:
         result |= {
             "accuracy_per_seed": {m: [round(x, 4) for x in v] for m, v in tune["accuracy_per_seed"].items()},
+            "accuracy_paired": {k: [_r(x, 4) for x in v] for k, v in tune["paired"].items()},
             "eval_rows": tune["eval_rows"],
             "weight_rel_error": {k: round(v, 5) for k, v in quant["weight_rel_error"].items()},
             "code_entropy_bits": {k: round(v, 4) for k, v in quant["code_entropy_bits"].items()},
@@ -396,19 +419,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--budget", type=int, default=60, help="full fine-tuning's steps; defines the target loss")
     ap.add_argument("--cap", type=int, default=300, help="most steps any other method gets to reach the target")
     ap.add_argument("--conv-seeds", type=int, default=3, help="seeds of the convergence runs (lr search on seed 0)")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds of the equal fine-tuning of qlora / ir_qlora")
+    ap.add_argument("--seeds", type=int, default=6, help="seeds of the equal fine-tuning of qlora / ir_qlora")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank of every LoRA-family method")
+    ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank: scale alpha/r = 2)")
+    ap.add_argument("--conv-methods", nargs="+", choices=ADAPTER_METHODS, default=list(ADAPTER_METHODS),
+                    help="methods of the convergence part besides full (a subset implies --convergence-only)")
     ap.add_argument("--probe-warmup", type=int, default=5)
     ap.add_argument("--probe-steps", type=int, default=20)
     ap.add_argument("--convergence-only", action="store_true", help="part 1 only (implies --no-results)")
     ap.add_argument("--skip-loop-check", action="store_true", help="do not compare the step with run_train")
     ap.add_argument("--no-results", action="store_true", help="do not update benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
+    args.alpha = 2.0 * args.rank if args.alpha is None else args.alpha
+    if set(args.conv_methods) != set(ADAPTER_METHODS):
+        args.convergence_only = True
     torch.set_num_threads(1)  # one thread: the tiny model runs far slower with threads fighting on busy cores
     from loraforge.spec import EvaluateSpec
 
-    bench = load_bench(args.task, args.batch_size)
+    bench = load_bench(args.task, args.batch_size, rank=args.rank, alpha=args.alpha)
     say(f"lab task {args.task}: {len(bench.examples)} train examples, {len(bench.eval_refs)} eval rows, "
-        f"batch {args.batch_size}")
+        f"batch {args.batch_size}, LoRA rank {args.rank}, alpha {args.alpha:g}")
     quant = tune = mem = None
     with tempfile.TemporaryDirectory(prefix="loraforge-methods-") as tmp:
         work = Path(tmp)
@@ -421,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if not ok:
                     raise SystemExit("the benchmark's training step no longer matches the train loop's")
 
-        conv = convergence(bench, args.budget, args.cap, args.conv_seeds)
+        conv = convergence(bench, args.budget, args.cap, args.conv_seeds, tuple(args.conv_methods))
         best_lr = {m: c.best.lr for m, c in conv["methods"].items()}
         lora_lr = best_lr["lora"]
         if not args.convergence_only:
@@ -439,7 +469,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             times[m] = time_steps(bench, m, lrs[m], args.probe_warmup, args.probe_steps)
             say(f"  {m}: {times[m]['step_time_s'] * 1000:.1f} ms/step")
         say("peak memory: one fresh process per method")
-        mem = probe_all(args.task, args.batch_size, lrs, args.probe_warmup, args.probe_steps)
+        mem = probe_all(args.task, args.batch_size, lrs, args.probe_warmup, args.probe_steps, args.rank, args.alpha)
         for m in ALL_METHODS:
             mem[m].update(times[m])
 
@@ -461,27 +491,33 @@ def notes(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
                else f"{ratio} ({'meets' if ratio <= 0.5 else 'misses'} the target of <= 0.5)")
     full_lr = result["best_lr"]["full"]
     gap = result["accuracy_lora_fp32"] - result["accuracy"]["qlora"]
+    lq, iq = result["accuracy_paired"]["lora_minus_qlora"], result["accuracy_paired"]["ir_qlora_minus_qlora"]
+    measurable = lq[1] is not None and lq[0] > 2 * lq[1]
     return [
         f"Run time {result['seconds']:.0f} s on this 2-core machine (shared with other jobs; one torch thread).",
         f"Convergence, each method at its own best learning rate: lora needs "
         f"{fmt(_ratio(steps['lora'], steps['full']), 3)}x full's steps; lora_ga / lora = {verdict}. At full's "
         f"learning rate ({full_lr:g}) for every method: lora {fmt(_ratio(at_full['lora'], at_full['full']), 3)}x "
         f"full's steps, lora_ga / lora = {fmt(result['lora_ga_over_lora_at_full_lr'], 3)}.",
-        "Setup: rank 8, alpha 16, every linear layer of attention and MLP; AdamW (no weight decay), gradient "
-        "clipping 1.0, constant learning rate, the loop's batches (the same sequence for every method at a given "
-        "seed; the seed also sets the adapter's random init). lora_ga's initialisation runs 8 extra "
+        f"Setup: rank {args.rank}, alpha {args.alpha:g}, every linear layer of attention and MLP; AdamW (no weight "
+        "decay), gradient clipping 1.0, constant learning rate, the loop's batches (the same sequence for every "
+        "method at a given seed; the seed also sets the adapter's random init). lora_ga's initialisation runs 8 extra "
         "forward-backward passes (grad_batches) that are not counted as steps. The learning-rate search runs on "
-        "seed 0 only; the other seeds reuse its choice.",
+        "seed 0 only; the other seeds reuse its choice. Why this rank, and every other configuration tried: the "
+        "section 'Fine-tuning methods, configurations tried'.",
         f"Quantisation: perplexity fp32 {result['ppl']['fp32']}, NF4 {result['ppl']['nf4']}, NF4+ICQ "
         f"{result['ppl']['nf4_icq']}; ICQ raises the mean code entropy from {result['code_entropy_bits']['nf4']} "
         f"to {result['code_entropy_bits']['nf4_icq']} bits; relative weight error NF4 "
         f"{result['weight_rel_error']['nf4']}, NF4+ICQ {result['weight_rel_error']['nf4_icq']}.",
         f"Equal fine-tuning: accuracy lora (fp32 base) {result['accuracy_lora_fp32']}, qlora "
-        f"{result['accuracy']['qlora']}, ir_qlora {result['accuracy']['ir_qlora']}; "
-        + (f"share of the fp32-qlora gap ({gap:.4f}) recovered by ir_qlora: {result['gap_recovered']}."
-           if result["gap_recovered"] is not None
-           else f"no fp32-qlora gap to recover on this model (lora - qlora = {gap:+.4f}).")
-        + f" One eval row is {1 / result['eval_rows']:.4f} of accuracy; seeds differ by several points.",
+        f"{result['accuracy']['qlora']}, ir_qlora {result['accuracy']['ir_qlora']}. Per-seed paired differences "
+        f"(mean ± standard error over {args.seeds} seeds): lora - qlora {fmt_pm(lq)}, ir_qlora - qlora "
+        f"{fmt_pm(iq)}. "
+        + (f"The fp32-qlora gap ({gap:.4f}) is measurable (over 2 standard errors); ir_qlora recovers "
+           f"{result['gap_recovered']} of it." if measurable
+           else "There is no measurable fp32-qlora gap on this model (lora - qlora is not above 2 standard errors), "
+           "so whether ir_qlora recovers part of it cannot be tested here.")
+        + f" One eval row is {1 / result['eval_rows']:.4f} of accuracy.",
         "Peak memory: peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs) above the RSS "
         "just before, in a fresh process per method (multiprocessing forkserver) whose glibc mmap threshold is "
         "fixed at 64 KiB, so freed tensors leave the resident set; a throw-away build and two steps run first "

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from loraforge.adapters import BuildSetup, build_adapter, storage_bytes
-from loraforge.spec import TrainSpec
+from loraforge.spec import LoraSpec, TrainSpec
 from loraforge.train.objectives import sft_loss
 from loraforge.train.sft_data import TokenizedExample, iter_batches, tokenize_all
 from loraforge.train.strategies import MAX_GRAD_NORM
@@ -47,9 +47,11 @@ class Bench:
     heldout_text: str
     batch_size: int
     max_seq_len: int = 256
+    rank: int = 8  # LoRA rank r of every LoRA-family method
+    alpha: float = 16.0  # LoRA alpha (scale alpha / r; rslora alpha / sqrt(r))
 
 
-def load_bench(task: str, batch_size: int, max_seq_len: int = 256) -> Bench:
+def load_bench(task: str, batch_size: int, max_seq_len: int = 256, rank: int = 8, alpha: float = 16.0) -> Bench:
     from loraforge.evaluate.runner import load_eval_rows
     from loraforge.lab.build import ensure_lab
     from loraforge.resolve import load_tokenizer
@@ -65,10 +67,13 @@ def load_bench(task: str, batch_size: int, max_seq_len: int = 256) -> Bench:
     convs, refs = load_eval_rows(lab.data_dir / "tasks" / f"{task}_eval.jsonl", 10**9)
     prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
     heldout = (lab.data_dir / "general_heldout.txt").read_text(encoding="utf-8")
-    return Bench(model_dir, tok, task, train_path, examples, prompts, refs, heldout, batch_size, max_seq_len)
+    return Bench(model_dir, tok, task, train_path, examples, prompts, refs, heldout, batch_size, max_seq_len, rank,
+                 alpha)
 
 
 def train_spec(bench: Bench, method: str, lr: float, seed: int = 0, **extra: Any) -> TrainSpec:
+    if method != "full":  # full reads no lora section (the spec refuses a changed one)
+        extra.setdefault("lora", LoraSpec(r=bench.rank, alpha=bench.alpha))
     return TrainSpec(method=method, num_workers=0, batch_size=bench.batch_size, learning_rate=lr, seed=seed,
                      max_seq_len=bench.max_seq_len, data=str(bench.train_path), **extra)
 
@@ -245,7 +250,8 @@ def time_steps(bench: Bench, method: str, lr: float, warmup: int, steps: int) ->
     return {"step_time_s": sum(times) / len(times), "step_time_median_s": sorted(times)[len(times) // 2]}
 
 
-def probe_method(task: str, batch_size: int, method: str, lr: float, warmup: int, steps: int) -> dict[str, Any]:
+def probe_method(task: str, batch_size: int, method: str, lr: float, warmup: int, steps: int, rank: int = 8,
+                 alpha: float = 16.0) -> dict[str, Any]:
     """In a fresh process: build `method` on the loaded base, run `warmup` + `steps` steps on fixed batches.
 
     Peak memory is the peak resident set size (VmHWM, reset via /proc/self/clear_refs) above the RSS measured
@@ -255,7 +261,7 @@ def probe_method(task: str, batch_size: int, method: str, lr: float, warmup: int
     A throw-away build and two steps of the same method run first, so the code pages and one-time
     buffers of the libraries are already resident and not counted. None where the peak cannot be reset."""
     torch.set_num_threads(1)
-    bench = load_bench(task, batch_size)
+    bench = load_bench(task, batch_size, rank=rank, alpha=alpha)
     spec = train_spec(bench, method, lr)
     stream = batches(bench, spec.seed)
     fixed = [next(stream) for _ in range(warmup + steps)]
