@@ -392,6 +392,9 @@ class ServeSpec(_Strict):
     replica_cpus: float = Field(default=0.5, gt=0, description="CPUs Ray reserves per replica")
     max_batch_size: int = Field(default=32, ge=1, description="requests in one replica's continuous batch")
     max_new_tokens_limit: int = Field(default=256, ge=1)
+    max_len: int | None = Field(
+        default=None, ge=2, description="tokens per request (prompt + completion) the KV cache holds; null: the "
+        "model's context length. The cache takes max_batch_size x max_len token slots per replica, allocated at start")
     cache_bytes: int | None = Field(default=None, ge=1, description="adapter cache budget per replica; null: no limit")
     pinned: list[str] = Field(default_factory=list, description="adapter names never evicted (besides adapters[].pin)")
     api_keys: list[ApiKeySpec] = Field(default_factory=list, description="when set, every route needs a key")

@@ -73,9 +73,11 @@ def test_spec_rejects(fields, problem):
 
 def test_app_args_carry_the_spec(monkeypatch):
     s = spec(adapter_dir="/adapters", pinned=["shop", "extra"], cache_bytes=10_000_000, max_batch_size=8,
-             autoscaling={"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}, replica_cpus=1.5)
+             autoscaling={"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}, replica_cpus=1.5,
+             max_len=512)
     a = app_args(s, "lab")
     assert a.base_name == "lab" and a.adapter_dir == "/adapters" and a.cache_bytes == 10_000_000
+    assert a.max_len == 512 and app_args(spec(), "lab").max_len is None
     assert [(x.name, x.source, x.pin) for x in a.adapters] == [("shop", "/adapters/shop", True)]
     assert a.pinned == ["extra", "shop"]
     options = a.deployment_options()

@@ -76,7 +76,7 @@ class LoraforgeServer:
         self.keys = KeyRing.from_args(a.api_keys)  # a missing key variable fails the replica, loudly
         self.engine = Engine(
             resolve_model(a.model), {}, base_name=a.base_name, max_new_tokens_limit=a.max_new_tokens_limit,
-            max_batch_size=a.max_batch_size, cache_bytes=a.cache_bytes, metrics=ServeEngineMetrics(),
+            max_batch_size=a.max_batch_size, cache_bytes=a.cache_bytes, metrics=ServeEngineMetrics(), max_len=a.max_len,
         )
         self.sync = RegistrySync(self.engine, registry, resolve_adapter)
         self.sync.sync()  # serve the registered adapters from the first request on

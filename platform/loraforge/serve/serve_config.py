@@ -61,6 +61,7 @@ class ServeAppArgs(BaseModel):
     api_keys: list[ApiKeyArg] = []
     max_batch_size: int = 32
     max_new_tokens_limit: int = 256
+    max_len: int | None = None
     cache_bytes: int | None = None
     num_replicas: int | None = None
     autoscaling: AutoscalingArg | None = None
@@ -116,6 +117,7 @@ def app_args(spec: ServeSpec, model_ref: str, secrets: Literal["digest", "env"] 
         api_keys=[_key_arg(i, k, secrets) for i, k in enumerate(spec.api_keys)],
         max_batch_size=spec.max_batch_size,
         max_new_tokens_limit=spec.max_new_tokens_limit,
+        max_len=spec.max_len,
         cache_bytes=spec.cache_bytes,
         num_replicas=None if autoscaling else spec.num_replicas,
         autoscaling=autoscaling,
