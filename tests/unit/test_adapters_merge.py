@@ -149,7 +149,7 @@ def test_serve_engine_holds_the_full_adapter_beside_lora_adapters(model_dir, bat
     engine = Engine(model_dir, {m: str(f) for m, f in folders.items()}, max_batch_size=4)
     try:
         prompt = [int(t) for t in batches[0]["input_ids"][0][:12]]
-        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        params = SamplingParams(max_tokens=10, temperature=0)  # both stop at eos (kept) or after 10 tokens
         streams = {m: engine.submit(prompt, m, params) for m in folders}  # submitted together: one mixed batch
         served = {m: [t for d in s for t in d.token_ids] for m, s in streams.items()}
     finally:
@@ -157,7 +157,7 @@ def test_serve_engine_holds_the_full_adapter_beside_lora_adapters(model_dir, bat
     for m, folder in folders.items():
         model = load_tuned(model_dir, folder).eval()
         with torch.no_grad():
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False)
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)
         assert served[m] == out[0, len(prompt):].tolist(), m
 
 
