@@ -22,6 +22,12 @@ def lab():
     return ensure_lab()
 
 
+@pytest.fixture(scope="session")
+def model_dir(lab) -> str:
+    """The lab model's folder, as a string for from_pretrained-style calls."""
+    return str(lab.model_dir)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Two OpenMP threads on a busy 2-core machine run the tiny lab model ~30x slower than one."""

@@ -21,14 +21,9 @@ from loraforge.spec import TrainSpec
 from loraforge.train.sft_data import collate, read_training_conversations, tokenize_conversation
 from loraforge.train.trainer import TrainResult, run_train
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]  # one thread: see tests/conftest.py
 
 STEPS = 5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread(one_torch_thread):
-    """This module's tiny models run on one torch thread (see tests/conftest.py)."""
 
 
 def _spec(lab, method: str, **overrides) -> TrainSpec:

@@ -21,10 +21,7 @@ from loraforge.adapters.ir_qlora import (
 )
 from loraforge.adapters.nf4 import NF4Linear, largest_code_gap, quantize_nf4
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread(one_torch_thread):
-    """One torch thread on the shared 2-core machine (see tests/conftest.py)."""
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

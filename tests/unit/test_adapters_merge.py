@@ -26,14 +26,7 @@ QUANTISED = ("qlora", "ir_qlora")
 OFFSET = ("pissa", "lora_ga")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread(one_torch_thread):
-    """One torch thread on the shared 2-core machine (see tests/conftest.py)."""
-
-
-@pytest.fixture(scope="module")
-def model_dir(lab) -> str:
-    return str(lab.model_dir)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,7 @@ R, ALPHA = 4, 8.0
 FAST_ICQ = {"tau_n": 10}  # 21 shifts per block instead of 201: the same code path, 10x faster
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread(one_torch_thread):
-    """One torch thread on the shared 2-core machine (see tests/conftest.py)."""
-
-
-@pytest.fixture(scope="module")
-def model_dir(lab) -> str:
-    return str(lab.model_dir)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

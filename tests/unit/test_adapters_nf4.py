@@ -17,10 +17,7 @@ from loraforge.adapters.nf4 import (
     quantize_nf4,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread(one_torch_thread):
-    """One torch thread on the shared 2-core machine (see tests/conftest.py)."""
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 def _weights() -> dict[str, torch.Tensor]:

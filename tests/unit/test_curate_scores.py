@@ -56,14 +56,7 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread(one_torch_thread):
-    """Tiny models on one torch thread (see tests/conftest.py)."""
-
-
-@pytest.fixture(scope="module")
-def model_dir(lab) -> str:
-    return str(lab.model_dir)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

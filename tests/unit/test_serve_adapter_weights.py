@@ -22,14 +22,7 @@ TOL = 1e-5
 ISSUE4_METHODS = ("lora", "rslora", "dora", "pissa", "lora_ga", "full")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread(one_torch_thread):
-    """One torch thread on the shared 2-core machine (see tests/conftest.py)."""
-
-
-@pytest.fixture(scope="module")
-def model_dir(lab) -> str:
-    return str(lab.model_dir)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

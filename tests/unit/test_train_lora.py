@@ -21,9 +21,7 @@ CONVS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread(one_torch_thread):
-    """This module's tiny models run on one torch thread (see tests/conftest.py)."""
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,7 @@ CONVS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread(one_torch_thread):
-    """Tiny models on one torch thread (see tests/conftest.py)."""
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -394,18 +394,13 @@ def build_app(
     base_names = (engine.base_name, BASE_ALIAS)
 
     def model_cards(rule: ApiKeyRule | None) -> list[dict[str, Any]]:
-        cards = []
-        for info in engine.model_info():
-            if rule is None or rule.may_use(info.name, base_names):
-                cards.append({"id": info.name, "object": "model", "created": created, "owned_by": owned_by,
-                              "kind": info.kind, "state": info.state, "content_hash": info.content_hash,
-                              "rank": info.rank, "pinned": info.pinned})
-        for name, error in sorted((admin.failed if admin else {}).items()):
-            if rule is None or rule.may_use(name, base_names):
-                cards.append({"id": name, "object": "model", "created": created, "owned_by": owned_by,
-                              "kind": "adapter", "state": "failed", "content_hash": None, "rank": None,
-                              "pinned": False, "error": error})
-        return cards
+        served = [(info.name, {"kind": info.kind, "state": info.state, "content_hash": info.content_hash,
+                               "rank": info.rank, "pinned": info.pinned}) for info in engine.model_info()]
+        failed = [(name, {"kind": "adapter", "state": "failed", "content_hash": None, "rank": None,
+                          "pinned": False, "error": error})
+                  for name, error in sorted((admin.failed if admin else {}).items())]
+        return [{"id": name, "object": "model", "created": created, "owned_by": owned_by, **fields}
+                for name, fields in served + failed if rule is None or rule.may_use(name, base_names)]
 
     async def submit(model: str, prompt: str, params: SamplingParams, rule: ApiKeyRule | None) -> Any:
         check_model_access(rule, model, base_names)

@@ -43,7 +43,7 @@ class AdapterTable:
     """Registered adapters and a version that grows with every change."""
 
     def __init__(self, adapters: Iterable[AdapterSourceArg] = (), adapter_dir: str | None = None,
-                 pinned: Iterable[str] = (), scan: Callable[[Path], Mapping[str, Path]] | None = None):
+                 pinned: Iterable[str] = (), scan: Callable[[Path], Mapping[str, Path]] = scan_adapter_dir):
         self.version = 0
         self._entries: dict[str, RegistryEntry] = {}
         self._adapter_dir = Path(adapter_dir).expanduser() if adapter_dir else None
@@ -68,7 +68,7 @@ class AdapterTable:
 
     def rescan(self) -> int:
         """Register subfolders of adapter_dir that appeared since the last scan; the version after."""
-        if self._adapter_dir is None or self._scan is None:
+        if self._adapter_dir is None:
             return self.version
         for name, folder in sorted(self._scan(self._adapter_dir).items()):
             if name not in self._entries:
@@ -84,8 +84,7 @@ class AdapterRegistry:
     """One replica holding the AdapterTable; model-server replicas call it through a DeploymentHandle."""
 
     def __init__(self, adapters: list[dict[str, Any]], adapter_dir: str | None, pinned: list[str]):
-        self.table = AdapterTable([AdapterSourceArg.model_validate(a) for a in adapters], adapter_dir, pinned,
-                                  scan_adapter_dir)
+        self.table = AdapterTable([AdapterSourceArg.model_validate(a) for a in adapters], adapter_dir, pinned)
 
     def version(self) -> int:
         return self.table.version

@@ -76,6 +76,16 @@ class NoMetrics:
 _CANCELLED = object()  # stream item: the client cancelled
 
 
+def _delta_or_end(item: object) -> Delta | None:
+    """A stream item as a consumer sees it: a Delta, None when the client cancelled; a failure is raised."""
+    if item is _CANCELLED:
+        return None
+    if isinstance(item, BaseException):
+        raise item
+    assert isinstance(item, Delta)
+    return item
+
+
 class RequestStream:
     """The deltas of one request, pushed by the engine's loop thread and read by one consumer, blocking
     (`for delta in stream`) or from asyncio (`async for delta in stream`). An asyncio consumer that stops
@@ -158,13 +168,11 @@ class RequestStream:
                 while item is None:
                     self._cond.wait()
                     item = self._pop()
-            if item is _CANCELLED:
+            delta = _delta_or_end(item)
+            if delta is None:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            assert isinstance(item, Delta)
-            yield item
-            if item.finish_reason is not None:
+            yield delta
+            if delta.finish_reason is not None:
                 return
 
     def __aiter__(self) -> AsyncIterator[Delta]:
@@ -184,12 +192,10 @@ class RequestStream:
                     await waker[1].wait()
                     continue
                 done = not isinstance(item, Delta) or item.finish_reason is not None
-                if item is _CANCELLED:
+                delta = _delta_or_end(item)
+                if delta is None:
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, Delta)
-                yield item
+                yield delta
                 if done:
                     return
         finally:
