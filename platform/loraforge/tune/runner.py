@@ -280,10 +280,12 @@ def _complete_trial_run(ctx_run: RunRef, rec: TrialRecord) -> None:
                if step not in logged and loss is not None]
     if missing:
         client.log_batch(rec.run_id, metrics=missing)
-    run.set_tags({"loraforge.steps_run": rec.steps_run})
+    # The status follows the record's rule (steps run vs max_steps), also for a trial that closed its own run:
+    # ASHA may stop a trial at its last report, after the trial ran every step; that trial completed.
+    status = "failed" if rec.error else "stopped_early" if rec.stopped_early else "completed"
+    run.set_tags({"loraforge.steps_run": rec.steps_run, TRIAL_STATUS_TAG: status})
     if client.get_run(rec.run_id).info.status == "RUNNING":  # the trial ended without closing it
-        status = "failed" if rec.error else "stopped_early" if rec.stopped_early else "completed"
-        run.set_tags({TRIAL_STATUS_TAG: status, CLOSED_BY_TAG: "tune"})
+        run.set_tags({CLOSED_BY_TAG: "tune"})
         run.finish("FAILED" if rec.error else "FINISHED")
 
 
