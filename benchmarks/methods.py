@@ -3,7 +3,8 @@
     LORAFORGE_HOME=.loraforge/test python benchmarks/methods.py [--task sort3] [--budget 60] [--cap 300] [--rank 8]
 
 (`--rank R`: every LoRA-family method at rank R, alpha 2R unless --alpha; `--conv-methods lora lora_ga`: only
-those besides full, convergence part only. RESULTS.md's 'configurations tried' section lists the explorations.)
+those besides full, convergence part only; `--lab-hidden 512 --threads 2`: a wider lab variant, 17.8M parameters,
+built and cached on first use. RESULTS.md's 'configurations tried' section lists the explorations.)
 
 (LORAFORGE_HOME: any home whose lab is built; a fresh one builds the lab first, about 8 minutes.) About 5 minutes
 on 2 cores. First a check that the benchmark's training step gives run_train(num_workers=0)'s losses. Then, on
@@ -254,7 +255,7 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float | None]:
 
 # ---------------------------------------------------------------- 3. memory and step time
 def probe_all(task: str, batch_size: int, lrs: dict[str, float], warmup: int, steps: int, rank: int,
-              alpha: float) -> dict[str, dict]:
+              alpha: float, lab_hidden: int | None, threads: int) -> dict[str, dict]:
     """One fresh process per method, forked from a server that has imported torch & co. once. A fixed glibc
     mmap threshold makes every tensor above 64 KiB its own mapping, given back to the system when freed, so
     the resident set follows the live tensors instead of the allocator's cached free memory."""
@@ -268,7 +269,8 @@ def probe_all(task: str, batch_size: int, lrs: dict[str, float], warmup: int, st
         for method in ALL_METHODS:
             receive, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=probe_to_pipe,
-                               args=(send, task, batch_size, method, lrs[method], warmup, steps, rank, alpha))
+                               args=(send, task, batch_size, method, lrs[method], warmup, steps, rank, alpha,
+                                     lab_hidden, threads))
             proc.start()
             send.close()
             status, value = receive.recv()
@@ -391,6 +393,7 @@ def summarise(conv: dict[str, Any], quant: dict[str, Any] | None, tune: dict[str
         "best_lr": {m: c.best.lr for m, c in methods.items()},
         "task": args.task, "rank": args.rank, "alpha": args.alpha, "batch_size": args.batch_size,
         "budget": args.budget, "cap": args.cap, "conv_seeds": args.conv_seeds, "seeds": args.seeds,
+        "lab_hidden": args.lab_hidden or 128, "lab_params": args.lab_params,
     }
     if quant and tune:
         result |= {
@@ -424,6 +427,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank: scale alpha/r = 2)")
     ap.add_argument("--conv-methods", nargs="+", choices=ADAPTER_METHODS, default=list(ADAPTER_METHODS),
                     help="methods of the convergence part besides full (a subset implies --convergence-only)")
+    ap.add_argument("--lab-hidden", type=int, default=None,
+                    help="a wider lab variant (built and cached on first use; hidden 512: about 25 min on 2 cores)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 suits the default 1.3M-parameter lab)")
     ap.add_argument("--probe-warmup", type=int, default=5)
     ap.add_argument("--probe-steps", type=int, default=20)
     ap.add_argument("--convergence-only", action="store_true", help="part 1 only (implies --no-results)")
@@ -433,10 +439,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.alpha = 2.0 * args.rank if args.alpha is None else args.alpha
     if set(args.conv_methods) != set(ADAPTER_METHODS):
         args.convergence_only = True
-    torch.set_num_threads(1)  # one thread: the tiny model runs far slower with threads fighting on busy cores
+    torch.set_num_threads(args.threads)  # default one: the tiny lab runs far slower with threads fighting on busy cores
     from loraforge.spec import EvaluateSpec
 
-    bench = load_bench(args.task, args.batch_size, rank=args.rank, alpha=args.alpha)
+    bench = load_bench(args.task, args.batch_size, rank=args.rank, alpha=args.alpha, lab_hidden=args.lab_hidden)
+    args.lab_params = sum(p.numel() for p in base_model(bench).parameters())
+    say(f"lab model {bench.model_dir} ({args.lab_params:,} parameters)")
     say(f"lab task {args.task}: {len(bench.examples)} train examples, {len(bench.eval_refs)} eval rows, "
         f"batch {args.batch_size}, LoRA rank {args.rank}, alpha {args.alpha:g}")
     quant = tune = mem = None
@@ -469,7 +477,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             times[m] = time_steps(bench, m, lrs[m], args.probe_warmup, args.probe_steps)
             say(f"  {m}: {times[m]['step_time_s'] * 1000:.1f} ms/step")
         say("peak memory: one fresh process per method")
-        mem = probe_all(args.task, args.batch_size, lrs, args.probe_warmup, args.probe_steps, args.rank, args.alpha)
+        mem = probe_all(args.task, args.batch_size, lrs, args.probe_warmup, args.probe_steps, args.rank, args.alpha,
+                        args.lab_hidden, args.threads)
         for m in ALL_METHODS:
             mem[m].update(times[m])
 
@@ -494,7 +503,8 @@ def notes(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
     lq, iq = result["accuracy_paired"]["lora_minus_qlora"], result["accuracy_paired"]["ir_qlora_minus_qlora"]
     measurable = lq[1] is not None and lq[0] > 2 * lq[1]
     return [
-        f"Run time {result['seconds']:.0f} s on this 2-core machine (shared with other jobs; one torch thread).",
+        f"Run time {result['seconds']:.0f} s on this 2-core machine (shared with other jobs; {args.threads} torch "
+        f"thread(s)); lab model hidden {result['lab_hidden']}, {result['lab_params']:,} parameters.",
         f"Convergence, each method at its own best learning rate: lora needs "
         f"{fmt(_ratio(steps['lora'], steps['full']), 3)}x full's steps; lora_ga / lora = {verdict}. At full's "
         f"learning rate ({full_lr:g}) for every method: lora {fmt(_ratio(at_full['lora'], at_full['full']), 3)}x "
@@ -523,9 +533,10 @@ def notes(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
         "fixed at 64 KiB, so freed tensors leave the resident set; a throw-away build and two steps run first "
         "so library code pages are not counted. 'build': building on the loaded fp32 base (quantisation, "
         "lora_ga's gradient pass); 'steps': the training steps over the built model (activations, gradients, "
-        "AdamW state); 'total': the peak of both over the loaded base. The lab model has 1.3 M parameters, "
-        "so these are MB and allocator effects show. Storage: storage_bytes of the built model (4-bit weights "
-        "by codes and constants). Step time: wall clock in the main process, on cores other jobs share.",
+        "AdamW state); 'total': the peak of both over the loaded base. The lab model has "
+        f"{result['lab_params'] / 1e6:.1f} M parameters, so these are MB and allocator effects show. Storage: "
+        "storage_bytes of the built model (4-bit weights by codes and constants). Step time: wall clock in the "
+        "main process, on cores other jobs share.",
     ]
 
 

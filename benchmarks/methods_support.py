@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from loraforge.adapters import BuildSetup, build_adapter, storage_bytes
+from loraforge.lab.build import LabSettings
 from loraforge.spec import LoraSpec, TrainSpec
 from loraforge.train.objectives import sft_loss
 from loraforge.train.sft_data import TokenizedExample, iter_batches, tokenize_all
@@ -51,13 +52,27 @@ class Bench:
     alpha: float = 16.0  # LoRA alpha (scale alpha / r; rslora alpha / sqrt(r))
 
 
-def load_bench(task: str, batch_size: int, max_seq_len: int = 256, rank: int = 8, alpha: float = 16.0) -> Bench:
+def lab_settings(hidden: int | None) -> LabSettings:
+    """The default lab, or a wider variant: same world, tokenizer, depth and pretraining data, `hidden` wide.
+
+    Heads stay 32 wide and the MLP 4x hidden, as in the default lab (hidden 128). The pretraining learning rate
+    is scaled down above hidden 256 (6e-3 x 256 / hidden), as usual for Adam on wider layers."""
+    if hidden is None or hidden == LabSettings().hidden_size:
+        return LabSettings()
+    if hidden % 32:
+        raise SystemExit(f"--lab-hidden must be a multiple of 32 (heads are 32 wide), got {hidden}")
+    return LabSettings(hidden_size=hidden, intermediate_size=4 * hidden, num_heads=hidden // 32,
+                       learning_rate=6e-3 * min(1.0, 256 / hidden))
+
+
+def load_bench(task: str, batch_size: int, max_seq_len: int = 256, rank: int = 8, alpha: float = 16.0,
+               lab_hidden: int | None = None) -> Bench:
     from loraforge.evaluate.runner import load_eval_rows
     from loraforge.lab.build import ensure_lab
     from loraforge.resolve import load_tokenizer
     from loraforge.train.training_rows import read_training_rows
 
-    lab = ensure_lab()
+    lab = ensure_lab(settings=lab_settings(lab_hidden))
     if task not in lab.tasks:
         raise SystemExit(f"unknown lab task {task!r}; the lab has {lab.tasks}")
     model_dir = str(lab.model_dir)
@@ -251,7 +266,7 @@ def time_steps(bench: Bench, method: str, lr: float, warmup: int, steps: int) ->
 
 
 def probe_method(task: str, batch_size: int, method: str, lr: float, warmup: int, steps: int, rank: int = 8,
-                 alpha: float = 16.0) -> dict[str, Any]:
+                 alpha: float = 16.0, lab_hidden: int | None = None, threads: int = 1) -> dict[str, Any]:
     """In a fresh process: build `method` on the loaded base, run `warmup` + `steps` steps on fixed batches.
 
     Peak memory is the peak resident set size (VmHWM, reset via /proc/self/clear_refs) above the RSS measured
@@ -260,8 +275,8 @@ def probe_method(task: str, batch_size: int, method: str, lr: float, warmup: int
     activations, gradients, optimizer state), `peak_total_mb` the highest of both over the loaded base.
     A throw-away build and two steps of the same method run first, so the code pages and one-time
     buffers of the libraries are already resident and not counted. None where the peak cannot be reset."""
-    torch.set_num_threads(1)
-    bench = load_bench(task, batch_size, rank=rank, alpha=alpha)
+    torch.set_num_threads(threads)
+    bench = load_bench(task, batch_size, rank=rank, alpha=alpha, lab_hidden=lab_hidden)
     spec = train_spec(bench, method, lr)
     stream = batches(bench, spec.seed)
     fixed = [next(stream) for _ in range(warmup + steps)]
