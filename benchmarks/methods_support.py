@@ -59,8 +59,8 @@ def lab_settings(hidden: int | None) -> LabSettings:
     is scaled down above hidden 256 (6e-3 x 256 / hidden), as usual for Adam on wider layers."""
     if hidden is None or hidden == LabSettings().hidden_size:
         return LabSettings()
-    if hidden % 32:
-        raise SystemExit(f"--lab-hidden must be a multiple of 32 (heads are 32 wide), got {hidden}")
+    if hidden < 32 or hidden % 32:
+        raise SystemExit(f"--lab-hidden must be a positive multiple of 32 (heads are 32 wide), got {hidden}")
     return LabSettings(hidden_size=hidden, intermediate_size=4 * hidden, num_heads=hidden // 32,
                        learning_rate=6e-3 * min(1.0, 256 / hidden))
 
