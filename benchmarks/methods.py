@@ -393,7 +393,7 @@ def summarise(conv: dict[str, Any], quant: dict[str, Any] | None, tune: dict[str
         "best_lr": {m: c.best.lr for m, c in methods.items()},
         "task": args.task, "rank": args.rank, "alpha": args.alpha, "batch_size": args.batch_size,
         "budget": args.budget, "cap": args.cap, "conv_seeds": args.conv_seeds, "seeds": args.seeds,
-        "lab_hidden": args.lab_hidden or 128, "lab_params": args.lab_params,
+        "lab_hidden": args.lab_hidden, "lab_params": args.lab_params,
     }
     if quant and tune:
         result |= {
@@ -443,8 +443,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from loraforge.spec import EvaluateSpec
 
     bench = load_bench(args.task, args.batch_size, rank=args.rank, alpha=args.alpha, lab_hidden=args.lab_hidden)
-    args.lab_params = sum(p.numel() for p in base_model(bench).parameters())
-    say(f"lab model {bench.model_dir} ({args.lab_params:,} parameters)")
+    args.lab_hidden, args.lab_params = bench.lab_hidden, bench.lab_params  # the built lab's, for the report
+    say(f"lab model {bench.model_dir} (hidden {bench.lab_hidden}, {bench.lab_params:,} parameters)")
     say(f"lab task {args.task}: {len(bench.examples)} train examples, {len(bench.eval_refs)} eval rows, "
         f"batch {args.batch_size}, LoRA rank {args.rank}, alpha {args.alpha:g}")
     quant = tune = mem = None

@@ -50,6 +50,8 @@ class Bench:
     max_seq_len: int = 256
     rank: int = 8  # LoRA rank r of every LoRA-family method
     alpha: float = 16.0  # LoRA alpha (scale alpha / r; rslora alpha / sqrt(r))
+    lab_hidden: int = 128  # the lab model's width and parameter count, from its build report
+    lab_params: int = 0
 
 
 def lab_settings(hidden: int | None) -> LabSettings:
@@ -83,7 +85,7 @@ def load_bench(task: str, batch_size: int, max_seq_len: int = 256, rank: int = 8
     prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
     heldout = (lab.data_dir / "general_heldout.txt").read_text(encoding="utf-8")
     return Bench(model_dir, tok, task, train_path, examples, prompts, refs, heldout, batch_size, max_seq_len, rank,
-                 alpha)
+                 alpha, lab.report["settings"]["hidden_size"], lab.report["params"])
 
 
 def train_spec(bench: Bench, method: str, lr: float, seed: int = 0, **extra: Any) -> TrainSpec:
